@@ -28,11 +28,18 @@ from lit_inversion.models import load_model
 from lit_inversion.sipit.algorithm import SipItConfig, SipItResult, invert
 from lit_inversion.sipit.data import read_prompts
 from lit_inversion.sipit.pez import PezConfig, invert_pez
+from lit_inversion.sipit.policies import TokenIndex
 from lit_inversion.sipit.table import first_position_table
-from lit_inversion.states import LayerProbe, expand_cache
+from lit_inversion.states import LayerProbe, expand_cache, resolve_dtype
 from lit_inversion.tokens import context_prefix
 
 ROOT = Path(__file__).resolve().parents[1]
+# The ranking and precision ideas taken away, against the default SipItConfig() that has all of them.
+ABLATIONS = {
+    "chains only": SipItConfig(surrogate_rank=0),
+    "chains only, float32, batch 64 (session-1 policy)": SipItConfig(surrogate_rank=0, screen_dtype="float32",
+                                                                     chain_dtype="float32", max_batch_size=64),
+}
 
 
 def hardware() -> str:
@@ -65,6 +72,11 @@ def per_candidate_costs(loaded, layer: int, ids: list[int], prefix: list[int], b
             costs["+ prefix KV cache"] = timed(lambda: probe.forward(input_ids=one, cache=expand_cache(cache, 1), start=len(prefix) + t), 10)
             costs[f"+ batched verification ({batch} per forward)"] = timed(
                 lambda: probe.forward(input_ids=candidates[:, None], cache=expand_cache(cache, batch), start=len(prefix) + t), 5) / batch
+            screen = resolve_dtype("auto", probe.device)
+            if screen != torch.float32:  # what SipItConfig(screen_dtype="auto") uses on this hardware
+                with torch.autocast(probe.device.type, dtype=screen):
+                    costs[f"+ {screen} screen ({batch} per forward)"] = timed(
+                        lambda: probe.forward(input_ids=candidates[:, None], cache=expand_cache(cache, batch), start=len(prefix) + t), 5) / batch
     return costs
 
 
@@ -83,6 +95,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=5, help="prompts per kind and layer (100 in the shipped sets)")
     parser.add_argument("--length", type=int, default=20, choices=[10, 20, 50])
     parser.add_argument("--brute-positions", type=int, default=3, help="positions per layer timed with brute force")
+    parser.add_argument("--ablation-prompts", type=int, default=1,
+                        help="prompts per kind and layer also run with chains only and float32 (the session-1 policy)")
     parser.add_argument("--pez-steps", type=int, default=0, help="also run the PEZ baseline for this many steps (0: off)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="runs/bench-sipit")
@@ -104,6 +118,7 @@ def main() -> None:
             start = time.perf_counter()
             table = first_position_table(probe, prefix)
             table_seconds = time.perf_counter() - start
+            table = TokenIndex(probe.embedding.weight, table)  # built once per layer, as the Lightning module does
             guided_per_token = []
             for kind, prompts in kinds.items():
                 per_token, tested, exact, token_accuracy, prompt_seconds, pez = [], [], [], [], [], []
@@ -122,12 +137,26 @@ def main() -> None:
                         pez.append(p)
                         print(f"  layer {layer} {kind} {prompt_id} PEZ: exact={p.exact_match} "
                               f"token accuracy={p.token_accuracy:.0%} {p.seconds:.1f}s", flush=True)
+                # Ablation on the same prompts: what the surrogate and the bf16 screen/chains buy.
+                n = args.ablation_prompts
+                n_tokens = sum(len(ids) for _, ids in prompts[:n])
+                ablation = {"default": dict(s_per_token=sum(prompt_seconds[:n]) / max(1, n_tokens),
+                                            candidates=sum(tested[:n_tokens]) / max(1, n_tokens))}
+                for name, config in ABLATIONS.items():
+                    seconds, cands, tokens = 0.0, 0, 0
+                    for prompt_id, ids in prompts[: args.ablation_prompts]:
+                        r = invert(probe, probe.states(ids, prefix), prefix, config, true_ids=ids, table=table)
+                        assert r.exact_match, f"{name} failed on {prompt_id}"
+                        seconds, cands, tokens = seconds + r.seconds, cands + sum(r.candidates_tested), tokens + len(ids)
+                    ablation[name] = dict(s_per_token=seconds / max(1, tokens), candidates=cands / max(1, tokens))
+                    print(f"  layer {layer} {kind} ablation {name}: {ablation[name]['s_per_token']:.2f} s/token "
+                          f"{ablation[name]['candidates']:.0f} cand/token", flush=True)
                 guided_per_token += per_token
                 rows.append(dict(layer=layer, kind=kind, prompts=len(exact), exact=sum(exact) / len(exact),
                                  mean_s_per_token=statistics.mean(per_token), max_s_per_token=max(per_token),
                                  mean_candidates=statistics.mean(tested), max_candidates=max(tested),
                                  table_seconds=table_seconds, token_accuracy=statistics.mean(token_accuracy),
-                                 prompt_seconds=prompt_seconds))
+                                 prompt_seconds=prompt_seconds, ablation=ablation))
                 if pez:
                     rows[-1].update(pez_rows(pez))
             # Brute force on a sample of positions (true prefix given), not on the first one.
@@ -164,6 +193,14 @@ def main() -> None:
         base = [c[next(iter(c))] for c in costs.values()]
         cells = [f"{c[name]:.2f} ({b / c[name]:.0f}x)" for c, b in zip(costs.values(), base)]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    if args.ablation_prompts:
+        print(f"\n| layer | kind ({args.ablation_prompts} prompt(s)) | default | " + " | ".join(ABLATIONS) + " |")
+        print("|---|---|---|" + "---|" * len(ABLATIONS))
+        for r in rows:
+            base = r["ablation"]["default"]["s_per_token"]
+            cells = [f"{a['s_per_token']:.2f} s/token, {a['candidates']:.0f} cand ({a['s_per_token'] / base:.1f}x)"
+                     for a in r["ablation"].values()]
+            print(f"| {r['layer']} | {r['kind']} | " + " | ".join(cells) + " |")
     if args.pez_steps:
         print(f"\n| layer | prompts | PEZ exact | PEZ token accuracy | PEZ s/prompt ({args.pez_steps} steps) |")
         print("|---|---|---|---|---|")

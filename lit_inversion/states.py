@@ -145,3 +145,14 @@ def expand_cache(cache, batch: int):
 
 def cache_length(cache) -> int:
     return 0 if cache is None else int(cache.get_seq_length())
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A dtype option; "auto" picks bfloat16 only where it is fast (CUDA, or a CPU with bf16 units)."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return torch.bfloat16
+    return torch.float32

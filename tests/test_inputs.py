@@ -110,3 +110,7 @@ def test_bad_sipit_options():
         SipItConfig(policy="greedy")
     with pytest.raises(InversionError, match="batch_size must be at least 1"):
         SipItConfig(batch_size=0)
+    with pytest.raises(InversionError, match="screen_dtype 'int8' is unknown: use auto, float32, bfloat16 or float16"):
+        SipItConfig(screen_dtype="int8")
+    with pytest.raises(InversionError, match="surrogate_rank must be 0 \\(off\\) or positive"):
+        SipItConfig(surrogate_rank=-1)

@@ -110,3 +110,50 @@ def test_mixed_precision_verification_stays_exact(tiny_llama):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         result = invert_hidden_states(states, model=tiny_llama, layer=4)
     assert result.recovered_ids == ids and all(result.verified)
+
+
+def test_low_precision_screen_accepts_only_float32_distances(tiny_llama, monkeypatch):
+    dtypes: list[torch.dtype] = []
+    original = PositionSearch._states
+
+    def recording_states(self, ids, dtype):
+        dtypes.append(dtype)
+        return original(self, ids, dtype)
+
+    monkeypatch.setattr(PositionSearch, "_states", recording_states)
+    ids = _prompt(tiny_llama.vocab_size, 8, seed=13)
+    with LayerProbe(tiny_llama, 4) as probe:
+        states = probe.states(ids, [1])
+        result = invert(probe, states, [1], SipItConfig(screen_dtype="bfloat16"), true_ids=ids)
+    assert result.recovered_ids == ids and all(result.verified)
+    # Every batch is screened in bf16; every acceptance came from a float32 re-run.
+    assert dtypes.count(torch.bfloat16) >= len(ids) and dtypes.count(torch.float32) >= len(ids)
+    tolerance = 1e-4 + 1e-4 * states.norm(dim=-1)
+    assert all(d <= float(t) for d, t in zip(result.distances, tolerance))
+
+
+@pytest.mark.parametrize("surrogate_rank", [0, 16])
+def test_guided_policy_with_and_without_the_surrogate(surrogate_rank, tiny_llama, monkeypatch):
+    proposals: list[list[int]] = []
+    from lit_inversion.sipit import policies
+
+    original = policies.surrogate_proposals
+
+    def recording(search, features, k, **kwargs):
+        ids = original(search, features, k, **kwargs)
+        assert not bool(search.tested[ids].any())
+        proposals.append(ids.tolist())
+        return ids
+
+    monkeypatch.setattr(policies, "surrogate_proposals", recording)
+    ids = _prompt(tiny_llama.vocab_size, 10, seed=17)
+    with LayerProbe(tiny_llama, 4) as probe:
+        states = probe.states(ids, [1])
+        # Small batches so that positions take several rounds and the surrogate gets its turns.
+        config = SipItConfig(batch_size=8, max_batch_size=8, surrogate_rank=surrogate_rank, use_table=False)
+        result = invert(probe, states, [1], config, true_ids=ids)
+        # Noisy states never verify, so every position searches the whole vocabulary.
+        invert(probe, states[:3] + 5.0 * torch.randn_like(states[:3]), [1], config)
+    assert result.recovered_ids == ids
+    assert (len(proposals) > 0) == bool(surrogate_rank)
+    assert all(len(p) == len(set(p)) for p in proposals)

@@ -56,6 +56,7 @@ class SipItModule(InversionJob):
         model_name_or_path: str = DEFAULT_MODEL,
         policy: str = "gradient",
         batch_size: int = 64,
+        max_batch_size: int = 256,
         rtol: float = 1e-4,
         atol: float = 1e-4,
         max_candidates: int | None = None,
@@ -63,6 +64,9 @@ class SipItModule(InversionJob):
         learning_rate: float | None = None,
         snap_every: int = 50,
         chain_dtype: str | None = None,
+        screen_dtype: str = "auto",
+        surrogate_rank: int = 128,
+        surrogate_locality: float = 1.0,
         use_table: bool = True,
         prepend_bos: bool = True,
         seed: int = 0,
@@ -151,8 +155,9 @@ class SipItModule(InversionJob):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if self.hparams.chain_dtype is None:  # the ranking chains follow the trainer's precision
-            self.config = replace(self.config, chain_dtype=self.precision_dtype())
+        if self.hparams.chain_dtype is None:  # the ranking chains follow a mixed-precision trainer
+            dtype = self.precision_dtype()
+            self.config = replace(self.config, chain_dtype="auto" if dtype == "float32" else dtype)
 
     def teardown(self, stage: str) -> None:
         for probe in self._probes.values():
