@@ -148,7 +148,8 @@ def table_a_entries(run: Run) -> list[dict]:
                                 token_accuracy=r.get("token_accuracy"), mean=mean, std=std,
                                 per_token=r["mean_s_per_token"], extrapolated=False,
                                 candidates=f"{r['mean_candidates']:.0f} (max {r['max_candidates']})"))
-        entries.append(brute_entry(rows[0], layer, length))
+        if "brute_s_per_token" in rows[0]:
+            entries.append(brute_entry(rows[0], layer, length))
         for r in rows:
             if "pez_prompt_seconds" in r:
                 mean, std = mean_std(r["pez_prompt_seconds"])

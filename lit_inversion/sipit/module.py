@@ -64,7 +64,7 @@ class SipItModule(InversionJob):
         learning_rate: float | None = None,
         snap_every: int = 50,
         chain_dtype: str | None = None,
-        screen_dtype: str = "auto",
+        screen_dtype: str = "float32",
         surrogate_rank: int = 128,
         surrogate_locality: float = 1.0,
         use_table: bool = True,
