@@ -152,7 +152,7 @@ class PositionSearch:
             near = distances <= self.screen_radius
             if bool(near.any()):
                 distances[near] = (self._states(ids[near], torch.float32) - self.target).norm(dim=-1)
-        if self.config.surrogate_rank:
+        if self.config.surrogate_rank and self.config.policy == "gradient":  # the surrogate's training data
             self.verified_states.append(states)
         self.tested[ids] = True
         self.verified_ids.append(ids)
