@@ -89,7 +89,7 @@ class SipItModule(InversionJob):
         self.exact_match = ExactMatch()
         self.token_accuracy = TokenAccuracy()
         self._probes: dict[int, LayerProbe] = {}
-        self._tables: dict[int, TokenIndex] = {}
+        self._indexes: dict[int, TokenIndex] = {}
 
     def probe(self, layer: int) -> LayerProbe:
         if layer not in self._probes:
@@ -108,11 +108,11 @@ class SipItModule(InversionJob):
             result = invert_pez(probe, target.states.to(probe.device), self.prefix(), self.pez_config,
                                 true_ids=target.true_ids)
         else:
-            if target.layer not in self._tables:  # the policies' index of the layer's table, built once
+            if target.layer not in self._indexes:  # the policies' index of the layer's table, built once
                 table = first_position_table(probe, self.prefix()) if self.config.use_table else None
-                self._tables[target.layer] = TokenIndex(probe.embedding.weight, table)
+                self._indexes[target.layer] = TokenIndex(probe.embedding.weight, table)
             result = invert(probe, target.states.to(probe.device), self.prefix(), self.config,
-                            true_ids=target.true_ids, table=self._tables[target.layer])
+                            true_ids=target.true_ids, table=self._indexes[target.layer])
         record = sipit_record(target.id, result, self.load().tokenizer, target.layer)
         self.writer.write(record)
         self.targets_done += 1
