@@ -96,6 +96,15 @@ def main() -> None:
           f"{len(targets)} targets, M = 20, {args.steps} steps", flush=True)
     methods = {name: METHODS[name] for name in args.methods}
     all_rows, traces = [], []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every method, so a long run that is stopped keeps what it measured
+        (out / "dlmi.json").write_text(json.dumps({"hardware": hardware(), "model": args.model, "steps": args.steps,
+                                                   "batch_size": args.batch_size, "gcg_width": args.gcg_width,
+                                                   "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                                                   "rows": all_rows, "tau_traces": traces}, indent=1))
+
     for n in args.prompt_lengths:
         for name, make in methods.items():
             results, trace = run(loaded, targets, make(args, prompt_length=n, num_steps=args.steps), args.batch_size)
@@ -106,6 +115,7 @@ def main() -> None:
                       f"copied={r['copied']:.2f} "
                       f"steps={r['steps']} {r['prompt']!r} -> {r['output']!r}", flush=True)
             all_rows += results
+            save()
     print(f"\n### DLMI, {args.model}, M = 20, {args.steps} steps, {hardware()}\n")
     print("| N | method | k | honest LCS | exact | soft LCS (paper-style) | s/step | steps to success | prompt/target LCS |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -130,12 +140,6 @@ def main() -> None:
                   if base else ("-", "-"))
             print(f"| {n} | {name} | {mean(rs, 'honest'):.2f} | {sum(r['exact'] for r in rs)}/{len(rs)} | "
                   f"{mean(rs, 's_per_step'):.2f} | {vs[0]} | {vs[1]} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dlmi.json").write_text(json.dumps({"hardware": hardware(), "model": args.model, "steps": args.steps,
-                                               "batch_size": args.batch_size, "gcg_width": args.gcg_width,
-                                               "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                                               "rows": all_rows, "tau_traces": traces}, indent=1))
 
 
 if __name__ == "__main__":
