@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="budget per target (paper: 256 and 2048)")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 6, 11, 16, 21])
     parser.add_argument("--per-k", type=int, default=2, help="targets per k (the set has 5)")
+    parser.add_argument("--ids", nargs="+", default=None, help="these target ids instead of --ks/--per-k (e.g. k1-1 k6-1)")
     parser.add_argument("--batch-size", type=int, default=1, help="targets optimised together")
     parser.add_argument("--methods", nargs="+", default=["paper", "dlmi"], choices=list(METHODS))
     parser.add_argument("--gcg-width", type=int, default=64, help="GCG search width (nanoGCG: 512; CPU: smaller)")
@@ -91,7 +92,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model)
     rows = [json.loads(line) for line in Path(args.targets).read_text().splitlines() if line.strip()]
-    targets = [t for k in args.ks for t in [r for r in rows if r["k"] == k][: args.per_k]]
+    if args.ids:
+        by_id = {r["id"]: r for r in rows}
+        missing = [i for i in args.ids if i not in by_id]
+        if missing:
+            parser.error(f"--ids: {', '.join(missing)} not in {args.targets}")
+        targets = [by_id[i] for i in args.ids]
+        args.ks = sorted({t["k"] for t in targets})
+    else:
+        targets = [t for k in args.ks for t in [r for r in rows if r["k"] == k][: args.per_k]]
     print(f"DLMI benchmark | model {args.model} | {hardware()} | torch {torch.__version__} | "
           f"{len(targets)} targets, M = 20, {args.steps} steps", flush=True)
     methods = {name: METHODS[name] for name in args.methods}

@@ -432,6 +432,9 @@ class FigureWriter:
 
         self.out = out
         self.plt = plt
+        # The report is rebuilt whole: drop older event files, whose same-tag figures TensorBoard would mix in.
+        for stale in (out / "tensorboard").glob("events.out.tfevents.*"):
+            stale.unlink()
         self.tensorboard = SummaryWriter(str(out / "tensorboard"))
 
     def add(self, name: str, fig, caption: str) -> str:

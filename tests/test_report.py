@@ -106,3 +106,7 @@ def test_report_figures(tmp_path):
         assert (out / f"{name}.png").stat().st_size > 0
         assert f"]({name}.png)" in text  # relative to report.md
     assert any((out / "tensorboard").glob("events.out.tfevents.*"))
+    stale = out / "tensorboard" / "events.out.tfevents.0.old.0"
+    stale.write_bytes(b"")
+    report.main(write_inputs(tmp_path) + ["--out", str(out)])
+    assert not stale.exists() and len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1

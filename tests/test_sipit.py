@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lit_inversion import invert_hidden_states, load_model
-from lit_inversion.sipit.algorithm import PositionSearch, SipItConfig, invert
+from lit_inversion.sipit.algorithm import GrowingRows, PositionSearch, SipItConfig, invert
 from lit_inversion.sipit.policies import TokenIndex
 from lit_inversion.states import LayerProbe
 from lit_inversion.tokens import context_prefix
@@ -157,3 +157,11 @@ def test_guided_policy_with_and_without_the_surrogate(surrogate_rank, tiny_llama
     assert result.recovered_ids == ids
     assert (len(proposals) > 0) == bool(surrogate_rank)
     assert all(len(p) == len(set(p)) for p in proposals)
+
+
+def test_verified_rows_survive_buffer_growth():
+    rows, batches = GrowingRows(), [torch.randn(n, 3) for n in (200, 100, 5, 700)]
+    for batch in batches:
+        rows.append(batch)
+    assert len(rows) == 1005
+    assert torch.equal(rows.all(), torch.cat(batches))

@@ -96,6 +96,32 @@ class SipItResult:
         return max(self.distances) if self.distances else 0.0
 
 
+class GrowingRows:
+    """Rows appended batch by batch into one buffer that doubles when full, so reading all of them
+    never re-concatenates the batches (a hard position verifies ~100 batches)."""
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def append(self, rows: torch.Tensor) -> None:
+        if self.buffer is None or self.size + len(rows) > len(self.buffer):
+            capacity = max(256, 2 * self.size, self.size + len(rows))
+            grown = rows.new_empty((capacity, *rows.shape[1:]))
+            if self.buffer is not None:
+                grown[: self.size] = self.buffer[: self.size]
+            self.buffer = grown
+        self.buffer[self.size : self.size + len(rows)] = rows
+        self.size += len(rows)
+
+    def all(self) -> torch.Tensor:
+        """A view of every row appended so far (valid until the next append)."""
+        return self.buffer[: self.size]
+
+
 class PositionSearch:
     """Everything a policy may use at one position; the verifier keeps the book of tested tokens."""
 
@@ -118,9 +144,10 @@ class PositionSearch:
         self.best_id: int | None = None
         self.best_distance = math.inf
         self.second_distance = math.inf
-        self.verified_ids: list[torch.Tensor] = []
-        self.verified_distances: list[torch.Tensor] = []
-        self.verified_states: list[torch.Tensor] = []
+        # Every verified token with its distance (and state, for the surrogate), in test order.
+        self.verified_ids = GrowingRows()
+        self.verified_distances = GrowingRows()
+        self.verified_states = GrowingRows()
 
     @property
     def num_tested(self) -> int:
@@ -176,11 +203,10 @@ class PositionSearch:
 
     def best_verified(self, k: int) -> torch.Tensor:
         """Ids of the k verified tokens nearest to the target so far."""
-        if not self.verified_ids:
+        if not len(self.verified_ids):
             return torch.empty(0, dtype=torch.long, device=self.embedding.device)
-        ids = torch.cat(self.verified_ids)
-        distances = torch.cat(self.verified_distances)
-        return ids[distances.argsort()[:k]]
+        distances = self.verified_distances.all()
+        return self.verified_ids.all()[distances.topk(min(k, len(distances)), largest=False).indices]
 
 
 def invert(

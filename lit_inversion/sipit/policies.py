@@ -153,12 +153,12 @@ def surrogate_proposals(search: "PositionSearch", features: torch.Tensor, k: int
     predicts nearest the target. The fit is free (no extra forward) and learns how this context moves
     each token's state; the gradient chains explore where it is wrong. Verified tokens near the target
     weigh more (exp(-locality * (d / median d)^2)): the fit only has to be right near the answer."""
-    ids = torch.cat(search.verified_ids)
-    states = torch.cat(search.verified_states)
+    ids = search.verified_ids.all()
+    states = search.verified_states.all()
     scale = states.std(0).clamp(min=1e-3)  # whiten: a few massive dimensions would dominate raw L2
     y = (states - search.target) / scale
     x = features[ids]
-    distances = torch.cat(search.verified_distances)
+    distances = search.verified_distances.all()
     weight = torch.exp(-locality * (distances / distances.median().clamp(min=1e-12)).pow(2))[:, None]
     weight = weight / weight.mean()
     x_mean, y_mean = (weight * x).mean(0), (weight * y).mean(0)
