@@ -11,6 +11,8 @@ vocabulary head is computed. This works for any decoder whose blocks sit in one 
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Sequence
 
 import torch
@@ -147,6 +149,7 @@ def cache_length(cache) -> int:
     return 0 if cache is None else int(cache.get_seq_length())
 
 
+@functools.lru_cache(maxsize=None)  # the chains ask on every step; the answer never changes
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """A dtype option; "auto" picks bfloat16 only where it is fast (CUDA, or a CPU with bf16 units)."""
     if name != "auto":
