@@ -75,7 +75,7 @@ def per_candidate_costs(loaded, layer: int, ids: list[int], prefix: list[int], b
             screen = resolve_dtype("auto", probe.device)
             if screen != torch.float32:  # what the opt-in SipItConfig(screen_dtype="auto") uses here
                 with torch.autocast(probe.device.type, dtype=screen):
-                    costs[f"+ {screen} screen ({batch} per forward)"] = timed(
+                    costs[f"+ {str(screen).removeprefix('torch.')} screen ({batch} per forward; opt-in)"] = timed(
                         lambda: probe.forward(input_ids=candidates[:, None], cache=expand_cache(cache, batch), start=len(prefix) + t), 5) / batch
     return costs
 

@@ -12,7 +12,6 @@ vocabulary head is computed. This works for any decoder whose blocks sit in one 
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Sequence
 
 import torch
