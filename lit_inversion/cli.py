@@ -10,13 +10,22 @@ from argparse import ArgumentError
 
 from lightning.pytorch.cli import LightningCLI
 
+from lit_inversion.console import quiet
 from lit_inversion.errors import InversionError
 
 
 class InversionCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # An inversion job only fits (validate/test/predict have nothing to evaluate), and this frees
+        # `--verbose`, which those subcommands' Trainer methods would claim.
+        return {"fit": LightningCLI.subcommands()["fit"]}
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--results_path", type=str | None, default=None,
                             help="JSONL file that gets one record per target as it finishes (overrides model.results_path)")
+        parser.add_argument("--verbose", action="store_true",
+                            help="also show the libraries' info lines, tips and warnings (hidden by default)")
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
@@ -28,6 +37,8 @@ class InversionCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     import lightning as L
 
+    argv = sys.argv[1:] if args is None else list(args)
+    quiet(verbose="--verbose" in argv)  # before parsing: seeding and the Trainer already print
     try:
         InversionCLI(
             L.LightningModule,
@@ -35,8 +46,9 @@ def main(args: list[str] | None = None) -> None:
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
+            # No model summary: the frozen LM is not a submodule, so it would be a table of zeros.
             trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "use_distributed_sampler": False,
-                              "enable_progress_bar": False},
+                              "enable_model_summary": False, "log_every_n_steps": 1},
             parser_kwargs={"exit_on_error": False},  # raise parse errors, so they end in one summary line
             args=args,
         )

@@ -7,14 +7,18 @@ Lightning's precision plugins never cast its weights.
 from __future__ import annotations
 
 import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
 from lit_inversion.checkpointing import LastCheckpoint
+from lit_inversion.console import InversionProgressBar
 from lit_inversion.distributed import finished_ids, merge_rank_results, rank_results_path, run_ranks_independently
 from lit_inversion.models import LoadedModel, load_model
-from lit_inversion.results import ResultsWriter
+from lit_inversion.results import ResultsWriter, check_settings
 
 
 class InversionJob(L.LightningModule):
+    progress_unit = "steps"  # what one training step is, for the progress bar
+
     def __init__(self, model_name_or_path: str, results_path: str):
         super().__init__()
         self.automatic_optimization = False
@@ -43,8 +47,34 @@ class InversionJob(L.LightningModule):
     def finished_ids(self) -> set[str]:
         """Targets already done: on disk when the run started (every rank's file), plus this rank's since."""
         if self._finished_at_start is None:  # read once; during the run only this rank's writer adds ours
+            check_settings(self._results_path, self.run_settings(), write=self._trainer is None or self.trainer.is_global_zero)
             self._finished_at_start = finished_ids(self._results_path)
         return self._finished_at_start | self.writer.done_ids
+
+    def run_settings(self) -> dict:
+        """The settings that shape this run's records; a results file only ever holds one set."""
+        return {"model": self._model_name_or_path}
+
+    def announce_targets(self, total: int, todo: int) -> None:
+        """One line when earlier records cover some or all targets (Lightning would only say 'No training batches')."""
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return
+        if total and todo == 0:
+            print(f"lit-inversion: nothing to do: all {total} targets are already in {self._results_path} "
+                  "(pass a new --results_path to run them again)", flush=True)
+        elif todo < total:
+            print(f"lit-inversion: resuming: {total - todo} of {total} targets are already in {self._results_path}",
+                  flush=True)
+
+    def configure_callbacks(self):
+        # Lightning's own tqdm bar, labelled with what a step is here. It replaces Lightning's default
+        # bar (Rich, where installed, is not a parent class, so Lightning would keep both); a bar the
+        # user configured, or none, stays as it is.
+        trainer = self._trainer
+        if trainer is None or type(trainer.progress_bar_callback) not in (TQDMProgressBar, RichProgressBar):
+            return []
+        trainer.callbacks = [c for c in trainer.callbacks if c is not trainer.progress_bar_callback]
+        return [InversionProgressBar(unit=self.progress_unit)]
 
     def setup(self, stage: str) -> None:
         run_ranks_independently(self.trainer)

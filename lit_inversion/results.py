@@ -78,3 +78,36 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
                                  "remove that line, or point --results_path to a new file")
         records.append(record)
     return records
+
+
+def settings_path(path: str | os.PathLike) -> Path:
+    """The sidecar that remembers the settings a results file's records were made with."""
+    path = Path(path)
+    return path.with_name(path.name + ".settings.json")
+
+
+def check_settings(path: str | os.PathLike, settings: dict[str, Any], write: bool = True) -> None:
+    """Refuse to append records made with other settings (say, another layer) to a results file.
+
+    Records are matched to targets by id only, so without this a rerun with a changed layer or method
+    would count the old records as done and silently do nothing.
+    """
+    sidecar = settings_path(path)
+    settings = _clean(settings)
+    if sidecar.is_file():
+        try:
+            saved = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            saved = None
+        if isinstance(saved, dict) and read_results(path):
+            changed = [k for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
+            if changed:
+                was = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
+                now = ", ".join(f"{k}={settings.get(k)!r}" for k in changed)
+                raise InversionError(f"{path} holds records made with {was}, not {now}: pass a new --results_path "
+                                     "for this run, or delete that file to start over")
+    if write:
+        sidecar.parent.mkdir(parents=True, exist_ok=True)
+        tmp = sidecar.with_name(sidecar.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(settings, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.replace(sidecar)

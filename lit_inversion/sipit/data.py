@@ -154,6 +154,7 @@ class HiddenStatesDataModule(L.LightningDataModule):
         targets = self.build_targets(loaded)
         done = module.finished_ids()
         todo = [t for t in targets if t.id not in done]
+        module.announce_targets(len(targets), len(todo))
         self.targets = shard(todo, self.trainer.global_rank, self.trainer.world_size)
 
     def train_dataloader(self) -> DataLoader:

@@ -10,6 +10,7 @@ from dataclasses import fields, replace
 
 import torch
 
+from lit_inversion.console import inner_progress
 from lit_inversion.errors import InversionError
 from lit_inversion.metrics import ExactMatch, TokenAccuracy
 from lit_inversion.job import InversionJob
@@ -21,7 +22,7 @@ from lit_inversion.sipit.policies import TokenIndex
 from lit_inversion.sipit.table import first_position_table
 from lit_inversion.states import LayerProbe
 from lit_inversion.tokens import context_prefix, decode
-from lit_inversion.tracking import log_scalars, log_text
+from lit_inversion.tracking import log_scalars, log_text, markdown_table
 
 
 METHODS = {"sipit": "SIP-It", "pez": "PEZ"}
@@ -50,6 +51,8 @@ class SipItModule(InversionJob):
     `method`: sipit (default) or pez. PEZ reads learning_rate (unset: 0.1), weight_decay, num_steps,
     budget_scale (steps = budget_scale * T * |V| when num_steps is unset), rtol, atol and seed.
     """
+
+    progress_unit = "targets"
 
     def __init__(
         self,
@@ -90,6 +93,8 @@ class SipItModule(InversionJob):
         self.token_accuracy = TokenAccuracy()
         self._probes: dict[int, LayerProbe] = {}
         self._indexes: dict[int, TokenIndex] = {}
+        self._target_rows: list[list[str]] = []  # TensorBoard's table of every target so far
+        self.positions_done = 0
 
     def probe(self, layer: int) -> LayerProbe:
         if layer not in self._probes:
@@ -111,8 +116,19 @@ class SipItModule(InversionJob):
             if target.layer not in self._indexes:  # the policies' index of the layer's table, built once
                 table = first_position_table(probe, self.prefix()) if self.config.use_table else None
                 self._indexes[target.layer] = TokenIndex(probe.embedding.weight, table)
-            result = invert(probe, target.states.to(probe.device), self.prefix(), self.config,
-                            true_ids=target.true_ids, table=self._indexes[target.layer])
+            bar = inner_progress(self, len(target.states), f"{target.id} positions")
+
+            def on_position(t: int, token: int, tested: int) -> None:
+                bar.update(1)
+                bar.set_postfix(candidates=tested)
+                self.positions_done += 1
+                log_scalars(self, {"sipit/candidates_at_position": tested}, self.positions_done)
+
+            try:
+                result = invert(probe, target.states.to(probe.device), self.prefix(), self.config,
+                                true_ids=target.true_ids, table=self._indexes[target.layer], on_position=on_position)
+            finally:
+                bar.close()
         record = sipit_record(target.id, result, self.load().tokenizer, target.layer)
         self.writer.write(record)
         self.targets_done += 1
@@ -128,7 +144,7 @@ class SipItModule(InversionJob):
             metrics["sipit/exact_match"] = float(result.exact_match)
             metrics["sipit/exact_match_rate"] = self.exact_match.local_mean()
         log_scalars(self, metrics, self.targets_done)
-        log_text(self, "sipit/recovered_text", record["recovered_text"], self.targets_done)
+        self._log_tables(target, result, record)
         status = "exact" if result.exact_match else ("verified" if all(result.verified) else "UNVERIFIED")
         if result.true_ids is not None and not result.exact_match:
             status = "MISMATCH"
@@ -147,11 +163,33 @@ class SipItModule(InversionJob):
         unverified = sum(not all(r["verified"]) for r in records)
         return line + (f", {unverified} with unverified positions" if unverified else "")
 
-    def on_train_epoch_end(self) -> None:
-        # compute() syncs across processes: every rank calls it, whatever its own count.
-        if self.trainer.world_size > 1 or int(self.exact_match.count) > 0:
-            self.log("sipit/epoch_exact_match", self.exact_match.compute())
-            self.log("sipit/epoch_token_accuracy", self.token_accuracy.compute())
+    def _log_tables(self, target: StateTarget, result: SipItResult, record: dict) -> None:
+        """TensorBoard text: one row per target so far, and this target's positions."""
+        tokenizer = self.load().tokenizer
+        true_text = decode(tokenizer, result.true_ids) if result.true_ids is not None else "(unknown)"
+        exact = "unknown" if result.exact_match is None else ("yes" if result.exact_match else "no")
+        self._target_rows.append([target.id, true_text, record["recovered_text"], exact,
+                                  f"{result.seconds:.1f}", f"{sum(result.candidates_tested) / max(1, len(result.candidates_tested)):.0f}"])
+        log_text(self, "sipit/targets", markdown_table(
+            ["target", "true text", "recovered text", "exact", "seconds", "candidates/token"], self._target_rows),
+            self.targets_done)
+        truth = result.true_ids or [None] * len(result.recovered_ids)
+        rows = [[str(t), repr(decode(tokenizer, [token])), "" if true is None else repr(decode(tokenizer, [true])),
+                 str(tested), f"{confidence:.2f}", "yes" if verified else "no"]
+                for t, (token, true, tested, confidence, verified) in enumerate(
+                    zip(result.recovered_ids, truth, result.candidates_tested, result.confidence, result.verified))]
+        log_text(self, f"sipit/positions/{target.id}", markdown_table(
+            ["position", "recovered", "true", "candidates", "confidence", "verified"], rows), self.targets_done)
+
+    def run_settings(self) -> dict:
+        h = self.hparams
+        settings = {"model": h.model_name_or_path, "method": h.method, "layer": self.trainer.datamodule.hparams.layer,
+                    "prepend_bos": h.prepend_bos}
+        if h.method == "pez":
+            settings["num_steps"] = h.num_steps
+        else:
+            settings.update(policy=h.policy, max_candidates=h.max_candidates)
+        return settings
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
