@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable for benchmarks.common
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import hardware
 
 from lit_inversion.dlmi.algorithm import DlmiBatch, DlmiConfig, run_batch
 from lit_inversion.dlmi.targets import read_jsonl
@@ -30,12 +34,6 @@ from lit_inversion.tokens import context_prefix
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "bfloat16")
-
-
-def hardware() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (CUDA)"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def sipit_rows(loaded, layers: list[int], count: int) -> list[dict]:

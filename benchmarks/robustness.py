@@ -18,12 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable for benchmarks.common
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import hardware
 
 from lit_inversion.models import load_model
 from lit_inversion.sipit.algorithm import SipItConfig, invert
@@ -35,12 +39,6 @@ from lit_inversion.tokens import context_prefix
 ROOT = Path(__file__).resolve().parents[1]
 SIGMA_MULTIPLES = [0.5, 4, 32, 256, 1024, 4096]
 ROUNDINGS = ["float16", "bfloat16", "int8"]
-
-
-def hardware() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (CUDA)"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 @torch.no_grad()

@@ -70,15 +70,25 @@ def tiny_llama(tiny_llama_dir):
     return load_model(str(tiny_llama_dir))
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Tables for tiny models go to a temp dir; the real model's converted copy stays shared."""
-    real = os.environ.get("LIT_INVERSION_CACHE")
-    if real is None:
-        from lit_inversion.models import cache_dir
+@pytest.fixture(scope="session")
+def test_cache(tmp_path_factory) -> Path:
+    """A cache dir of the tests' own. Converted real models already in the user's cache are linked in
+    (read only, so the real model loads in seconds); everything the tests write, such as the tables of
+    tiny random models, stays in the temp dir."""
+    from lit_inversion.models import cache_dir
 
-        real = str(cache_dir())
-    monkeypatch.setenv("LIT_INVERSION_CACHE", real)
+    cache = tmp_path_factory.mktemp("lit_inversion_cache")
+    real = cache_dir()
+    if real.is_dir():
+        for entry in real.iterdir():
+            if (entry / "config.json").is_file() and (entry / "model.safetensors").is_file():
+                (cache / entry.name).symlink_to(entry, target_is_directory=True)
+    return cache
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(test_cache, monkeypatch):
+    monkeypatch.setenv("LIT_INVERSION_CACHE", str(test_cache))
 
 
 def cli_command() -> list[str]:

@@ -149,3 +149,20 @@ def test_verbose_brings_the_library_messages_back(tmp_path, tiny_llama_dir):
     run = subprocess.run(cli_command() + args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "GPU available" in run.stdout + run.stderr
+
+
+def test_tests_never_write_to_the_users_cache(tiny_llama, test_cache, monkeypatch):
+    """The tests' tables go to their own cache dir (the user's may hold real, expensive tables)."""
+    from lit_inversion.models import cache_dir
+    from lit_inversion.sipit.table import first_position_table
+    from lit_inversion.states import LayerProbe
+
+    assert cache_dir() == test_cache
+    monkeypatch.delenv("LIT_INVERSION_CACHE")
+    users = cache_dir()
+    before = sorted(users.rglob("*")) if users.exists() else []
+    monkeypatch.setenv("LIT_INVERSION_CACHE", str(test_cache))
+    with LayerProbe(tiny_llama, 1) as probe:
+        first_position_table(probe, [1])
+    assert list((test_cache / "tables").glob("*-layer1.pt"))
+    assert (sorted(users.rglob("*")) if users.exists() else []) == before
