@@ -170,7 +170,7 @@ class SipItModule(InversionJob):
         exact = "unknown" if result.exact_match is None else ("yes" if result.exact_match else "no")
         self._target_rows.append([target.id, true_text, record["recovered_text"], exact,
                                   f"{result.seconds:.1f}", f"{sum(result.candidates_tested) / max(1, len(result.candidates_tested)):.0f}"])
-        log_text(self, "sipit/targets", markdown_table(
+        log_text(self, "sipit/all_targets", markdown_table(
             ["target", "true text", "recovered text", "exact", "seconds", "candidates/token"], self._target_rows),
             self.targets_done)
         truth = result.true_ids or [None] * len(result.recovered_ids)
