@@ -150,7 +150,8 @@ def check_finite(tensor: torch.Tensor, what: str, fix: str) -> None:
     finite = torch.isfinite(tensor)
     if not bool(finite.all()):
         bad = int((~finite).sum())
-        raise InversionError(f"{what} contain {bad} NaN or inf value(s) (dtype {str(tensor.dtype).removeprefix('torch.')}): {fix}")
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        raise InversionError(f"non-finite values in {what}: {bad} NaN or inf ({dtype}): {fix}")
 
 
 def expand_cache(cache, batch: int):

@@ -112,11 +112,11 @@ def test_non_finite_states_end_in_one_clear_error(tmp_path, monkeypatch):
     loaded = load_model(str(directory))
     with torch.no_grad():  # token 5's embedding is finite, but its LayerNorm mean overflows float32
         loaded.model.get_input_embeddings().weight[5] = 3e38
-    with pytest.raises(InversionError, match=r"first-position table of layer 2 \(tokens 0\.\.95\) contain .*NaN or inf"):
+    with pytest.raises(InversionError, match=r"non-finite values in the first-position table of layer 2 \(tokens 0\.\.95\): 32 NaN or inf"):
         invert_hidden_states(torch.randn(3, 32), model=loaded, layer=2)
-    with pytest.raises(InversionError, match="layer-2 states of a 3-token prompt contain .*NaN or inf"):
+    with pytest.raises(InversionError, match="non-finite values in the model's layer-2 states of a 3-token prompt: .* NaN or inf"):
         capture_hidden_states([7, 5, 8], model=loaded, layer=2)
     with torch.no_grad():
         loaded.model.get_input_embeddings().weight[5] = float("nan")
-    with pytest.raises(InversionError, match="input embeddings of .* contain 32 NaN or inf"):
+    with pytest.raises(InversionError, match="non-finite values in the input embeddings of .*: 32 NaN or inf"):
         invert_hidden_states(torch.randn(3, 32), model=loaded, layer=2)
