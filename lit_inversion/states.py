@@ -7,6 +7,8 @@ last block's output *before* the final norm, as in the SIP-It reference code (Hu
 
 The forward stops at the probed block by raising from a hook, so no later block, final norm or
 vocabulary head is computed. This works for any decoder whose blocks sit in one ModuleList.
+Injected `inputs_embeds` are raw embedding rows: a scaled embedding (Gemma's `embed_scale`, sqrt(d))
+is applied here, as the model applies it to looked-up ids but not to embeddings passed in.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ class LayerProbe:
         self.model = loaded.model
         self.backbone = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model
         self.embedding = self.model.get_input_embeddings()
+        check_finite(self.embedding.weight, f"the input embeddings of {loaded.name}",
+                     "the model file is damaged: reconvert or redownload it")
+        # Gemma-style embeddings scale looked-up rows (by sqrt(d)); the model skips that for inputs_embeds.
+        scale = getattr(self.embedding, "embed_scale", None)
+        self.embed_scale = None if scale is None or float(scale) == 1.0 else scale
         blocks = find_blocks(self.model, num_layers)
         if self.layer == 0:
             self._hook = blocks[0].register_forward_pre_hook(self._capture_input, with_kwargs=True)
@@ -97,6 +104,8 @@ class LayerProbe:
         position_ids = torch.arange(start, start + length, device=x.device).unsqueeze(0).expand(x.shape[0], -1)
         kwargs = dict(position_ids=position_ids, use_cache=True, past_key_values=cache if cache is not None else DynamicCache())
         if inputs_embeds is not None:
+            if self.embed_scale is not None:
+                inputs_embeds = inputs_embeds * self.embed_scale.to(inputs_embeds.dtype)
             kwargs["inputs_embeds"] = inputs_embeds
         else:
             kwargs["input_ids"] = input_ids
@@ -110,8 +119,10 @@ class LayerProbe:
         """States [T, d] of `ids` (the prompt) in one full-sequence forward after `prefix`."""
         full = torch.tensor([list(prefix) + list(ids)], device=self.device)
         with torch.no_grad():
-            out = self.forward(input_ids=full)
-        return out[0, len(prefix):].float()
+            out = self.forward(input_ids=full)[0, len(prefix):].float()
+        check_finite(out, f"the model's layer-{self.layer} states of a {len(ids)}-token prompt",
+                     "the model overflows at this layer: load it in float32, or pick another layer")
+        return out
 
     def prefix_cache(self, prefix: Sequence[int]):
         """A batch-1 cache holding the prefix's keys and values (None for an empty prefix)."""
@@ -132,6 +143,15 @@ class LayerProbe:
         with torch.no_grad():
             self.forward(input_ids=torch.tensor([[token]], device=self.device), cache=cache, start=position)
         return cache
+
+
+def check_finite(tensor: torch.Tensor, what: str, fix: str) -> None:
+    """One clear error instead of a NaN/inf that would surface later as a linear-algebra traceback."""
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        raise InversionError(f"non-finite values in {what}: {bad} NaN or inf ({dtype}): {fix}")
 
 
 def expand_cache(cache, batch: int):

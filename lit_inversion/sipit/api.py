@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import fields
 
 import torch
@@ -10,6 +11,7 @@ from lit_inversion.errors import InversionError
 from lit_inversion.models import DEFAULT_MODEL, LoadedModel, load_model
 from lit_inversion.sipit.algorithm import SipItConfig, SipItResult, invert
 from lit_inversion.sipit.pez import PezConfig, invert_pez
+from lit_inversion.sipit.policies import TokenIndex
 from lit_inversion.sipit.table import first_position_table
 from lit_inversion.states import LayerProbe
 from lit_inversion.tokens import context_prefix, decode
@@ -55,10 +57,26 @@ def invert_hidden_states(
         if method == "pez":
             result = invert_pez(probe, states, prefix, cfg, true_ids=true_ids)
         else:
-            table = first_position_table(probe, prefix) if cfg.use_table else None
-            result = invert(probe, states.float().to(probe.device), prefix, cfg, true_ids=true_ids, table=table)
+            index = _token_index(probe, prefix, cfg.use_table)
+            result = invert(probe, states.float().to(probe.device), prefix, cfg, true_ids=true_ids, table=index)
     result.recovered_text = decode(loaded.tokenizer, result.recovered_ids)
     return result
+
+
+# The last index built: a notebook inverting prompt after prompt at one layer loads the table and
+# computes the surrogate's features once (for a 262k vocabulary that is seconds and gigabytes; one kept).
+_last_index: tuple[weakref.ref, tuple, TokenIndex] | None = None
+
+
+def _token_index(probe: LayerProbe, prefix: list[int], use_table: bool) -> TokenIndex:
+    global _last_index
+    weight = probe.embedding.weight
+    key = (weight._version, probe.layer, tuple(prefix), use_table)  # _version: edited in place
+    if _last_index is None or _last_index[0]() is not weight or _last_index[1] != key:
+        _last_index = None  # free the old index before building the next
+        table = first_position_table(probe, prefix) if use_table else None
+        _last_index = (weakref.ref(weight), key, TokenIndex(weight, table))
+    return _last_index[2]
 
 
 def capture_hidden_states(text_or_ids: str | list[int], model: str | LoadedModel = DEFAULT_MODEL,

@@ -2,7 +2,9 @@
 
 Sources: a prompts file (`.txt`, one prompt per line, or `.jsonl` with {"text": ...} or {"ids": [...]}),
 seeded random-token prompts, or captured states (`.safetensors` / `.pt`, shape [T, d] or [B, T, d])
-with no true ids, which is the real attack scenario.
+with no true ids, which is the real attack scenario. A padded batch of captures carries `lengths` ([B],
+right padding) or `attention_mask` ([B, T], 1 = real token, left or right padding) beside `states`;
+each row is cut to its real positions.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def random_prompts(count: int, length: int, vocab_size: int, seed: int) -> list[
 
 
 def read_states(path: str | Path, hidden_size: int) -> list[torch.Tensor]:
-    """Captured states from .safetensors or .pt (the tensor named 'states', or the only one); each [T, d] float32."""
+    """Captured states from .safetensors or .pt (the tensor named 'states', or the only one); each [T, d]
+    float32, cut to its real positions when the file carries `lengths` or `attention_mask`."""
     path = Path(path)
     if not path.is_file():
         raise InversionError(f"states file {path} does not exist: check --data.states_file")
@@ -59,6 +62,10 @@ def read_states(path: str | Path, hidden_size: int) -> list[torch.Tensor]:
         raise InversionError(f"cannot read states file {path} with {reader} ({type(err).__name__}; the extension "
                              "picks the reader): save it with safetensors.torch.save_file({'states': tensor}) as "
                              ".safetensors or torch.save(tensor) as .pt") from None
+    padding = {}
+    if isinstance(loaded, dict):
+        padding = {name: loaded[name] for name in _PADDING if name in loaded}
+        loaded = {name: value for name, value in loaded.items() if name not in _PADDING}
     states = _pick_states(loaded, path)
     if not isinstance(states, torch.Tensor):
         raise InversionError(f"states file {path} does not hold a tensor: save a [T, d] or [B, T, d] tensor")
@@ -76,13 +83,71 @@ def read_states(path: str | Path, hidden_size: int) -> list[torch.Tensor]:
                              "capture them from the same model, or pick the matching --model.model_name_or_path")
     if not states.is_floating_point():
         raise InversionError(f"states in {path} have dtype {states.dtype}: expected floating point")
-    converted = states.detach().float()
-    if not bool(torch.isfinite(converted).all()):
-        if bool(torch.isfinite(states.double()).all()):  # finite in the file, too large for float32
-            raise InversionError(f"states in {path} ({states.dtype}) have values beyond float32's range (3.4e38): "
-                                 "rescale or recapture them")
-        raise InversionError(f"states in {path} contain NaN or inf: remove or recapture those rows")
-    return list(converted)
+    spans = real_positions(states.shape[0], states.shape[1], padding, path)
+    rows = []
+    for i, (begin, end) in enumerate(spans):
+        raw = states[i, begin:end].detach()
+        row = raw.float()
+        if not bool(torch.isfinite(row).all()):
+            where = f"states in {path}" + (f" (row {i}, real positions)" if padding else "")
+            if bool(torch.isfinite(raw.double()).all()):  # finite in the file, too large for float32
+                raise InversionError(f"{where} ({states.dtype}) have values beyond float32's range (3.4e38): "
+                                     "rescale or recapture them")
+            raise InversionError(f"{where} contain NaN or inf: remove or recapture those rows")
+        rows.append(row)
+    return rows
+
+
+_PADDING = ("lengths", "attention_mask")
+
+
+def real_positions(batch: int, length: int, padding: dict, path: Path) -> list[tuple[int, int]]:
+    """[begin, end) of each row's real positions: all of them, or as `lengths` / `attention_mask` say."""
+    for name, value in padding.items():
+        if not isinstance(value, torch.Tensor) or value.is_nested or value.layout != torch.strided or value.is_meta:
+            raise InversionError(f"'{name}' in states file {path} is not a dense tensor: save it as a tensor")
+    spans = [(0, length)] * batch
+    lengths = padding.get("lengths")
+    if lengths is not None:
+        if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+            raise InversionError(f"'lengths' in states file {path} has dtype {lengths.dtype}: "
+                                 "save the real lengths as integers")
+        if lengths.dim() > 1 or lengths.numel() != batch:
+            raise InversionError(f"'lengths' in states file {path} has shape {list(lengths.shape)} but the states hold "
+                                 f"{batch} row(s): save one length per row, shape [{batch}]")
+        values = [int(n) for n in lengths.reshape(-1)]
+        bad = [(i, n) for i, n in enumerate(values) if not 1 <= n <= length]
+        if bad:
+            raise InversionError(f"'lengths' in states file {path} must be within 1..{length} (the states' T); "
+                                 f"row {bad[0][0]} has {bad[0][1]}")
+        spans = [(0, n) for n in values]  # lengths alone: right padding, real positions first
+    mask = padding.get("attention_mask")
+    if mask is not None:
+        mask = mask[None] if mask.dim() == 1 else mask
+        if list(mask.shape) != [batch, length]:
+            raise InversionError(f"'attention_mask' in states file {path} has shape {list(mask.shape)} but the states "
+                                 f"are [{batch}, {length}, d]: save the [B, T] mask of the capture (1 = real token)")
+        if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+            raise InversionError(f"'attention_mask' in states file {path} must hold only 0 and 1 (1 = real token)")
+        real = mask.bool()
+        masked = []
+        for i, row in enumerate(real):
+            n = int(row.sum())
+            if n == 0:
+                raise InversionError(f"row {i} of 'attention_mask' in states file {path} has no real token: "
+                                     "drop that row")
+            if bool(row[:n].all()):
+                masked.append((0, n))  # right padding
+            elif bool(row[length - n:].all()):
+                masked.append((length - n, length))  # left padding
+            else:
+                raise InversionError(f"row {i} of 'attention_mask' in states file {path} is neither left- nor "
+                                     "right-padded: its 1s must form one block at the start or at the end")
+        if lengths is not None and [end - begin for begin, end in masked] != [end - begin for begin, end in spans]:
+            raise InversionError(f"'lengths' and 'attention_mask' in states file {path} disagree on the real "
+                                 "lengths: save only one of them")
+        spans = masked
+    return spans
 
 
 def _pick_states(loaded: object, path: Path) -> object:
@@ -117,41 +182,50 @@ class HiddenStatesDataModule(L.LightningDataModule):
         num_tokens: int | None = None,
         limit: int | None = None,
         random_seed: int = 0,
-        prepend_bos: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
         if prompts_file is None and states_file is None and num_random <= 0:
             raise InversionError("no targets: set --data.prompts_file, --data.states_file or --data.num_random")
+        if limit is not None and limit < 1:
+            raise InversionError(f"--data.limit must be at least 1, or null for all targets (got {limit})")
         self.targets: list[StateTarget] = []
 
-    def build_targets(self, loaded: LoadedModel) -> list[StateTarget]:
+    def build_targets(self, loaded: LoadedModel, prepend_bos: bool = True) -> list[StateTarget]:
+        """The targets, cut to `limit`. `prepend_bos` is the model's option (--model.prepend_bos), read in setup."""
         h = self.hparams
         probe = LayerProbe(loaded, h.layer)  # validates the layer first
         try:
-            targets: list[StateTarget] = []
+            prefix = context_prefix(loaded.bos_id, prepend_bos)
+            pending: list[tuple[str, torch.Tensor | None, list[int] | None]] = []  # (id, states, true ids)
             if h.states_file is not None:
                 for i, states in enumerate(read_states(h.states_file, loaded.hidden_size)):
                     states = states[: h.num_tokens] if h.num_tokens else states
-                    targets.append(StateTarget(f"{Path(h.states_file).stem}-{i}", states, None, probe.layer))
+                    pending.append((f"{Path(h.states_file).stem}-{i}", states, None))
             prompts = []
             if h.prompts_file is not None:
                 prompts += read_prompts(h.prompts_file, loaded.tokenizer, loaded.vocab_size)
             if h.num_random > 0:
                 prompts += random_prompts(h.num_random, h.random_length, loaded.vocab_size, h.random_seed)
-            prefix = context_prefix(loaded.bos_id, h.prepend_bos)
             for prompt_id, ids in prompts:
                 ids = ids[: h.num_tokens] if h.num_tokens else ids
                 check_context(len(prefix) + len(ids), loaded, f"prompt {prompt_id}")
-                targets.append(StateTarget(prompt_id, probe.states(ids, prefix).cpu(), ids, probe.layer))
+                pending.append((prompt_id, None, ids))
+            if h.limit is not None and h.limit < len(pending):
+                if self.trainer is None or self.trainer.is_global_zero:
+                    print(f"lit-inversion: using the first {h.limit} of {len(pending)} targets "
+                          f"(--data.limit {h.limit}; --data.limit null for all)", flush=True)
+                pending = pending[: h.limit]
+            return [StateTarget(target_id, probe.states(ids, prefix).cpu() if states is None else states, ids,
+                                probe.layer) for target_id, states, ids in pending]
         finally:
             probe.close()
-        return targets[: h.limit] if h.limit else targets
 
     def setup(self, stage: str) -> None:
         module = self.trainer.lightning_module
         loaded = module.load()
-        targets = self.build_targets(loaded)
+        # One BOS option, the model's: the targets' states must be made with the prefix the inversion uses.
+        targets = self.build_targets(loaded, prepend_bos=bool(module.hparams.get("prepend_bos", True)))
         done = module.finished_ids()
         todo = [t for t in targets if t.id not in done]
         module.announce_targets(len(targets), len(todo))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lit_inversion.states import resolve_dtype
+from lit_inversion.states import check_finite, resolve_dtype
 
 if TYPE_CHECKING:
     from lit_inversion.sipit.algorithm import PositionSearch, SipItConfig
@@ -41,6 +41,7 @@ class TokenIndex:
                 parts.append(_standardise(self.table))
             x = torch.cat(parts, dim=1)
             x = x - x.mean(0)
+            check_finite(x, "the surrogate's token features", "check the model's embeddings and table for overflow")
             generator = torch.Generator().manual_seed(0)
             sample = x[torch.randperm(x.shape[0], generator=generator)[:8192].to(x.device)]
             basis = torch.linalg.svd(sample, full_matrices=False).Vh[:rank].T

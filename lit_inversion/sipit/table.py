@@ -2,8 +2,10 @@
 
 The first prompt position sees only the fixed prefix (BOS or nothing), so its state is a function of
 the token alone. Computing it once per (model, layer, prefix) turns that position into a lookup and
-gives the guided policy a context-free ranking for later positions. Tables are cached on disk
-(float16, about 57 MB for SmolLM2-135M) beside the converted models.
+gives the guided policy a context-free ranking for later positions. Tables are cached on disk beside
+the converted models in bfloat16: float32's range (float16 overflows on real models: SmolLM2's layer-15
+states reach 28,576, Gemma-3's exceed 65,504) at half its size (57 MB for SmolLM2-135M, 335 MB for
+Gemma-3-270M's 262k tokens). The table only ranks candidates; every acceptance is a float32 forward.
 """
 
 from __future__ import annotations
@@ -14,22 +16,28 @@ import os
 import torch
 
 from lit_inversion.models import cache_dir
-from lit_inversion.states import LayerProbe, expand_cache
+from lit_inversion.states import LayerProbe, check_finite, expand_cache
+
+TABLE_DTYPE = torch.bfloat16
+_FORMAT = "bf16"  # part of the cache key: tables cached in another dtype (float16 overflowed) are rebuilt
 
 
 def _table_key(probe: LayerProbe, prefix: list[int]) -> str:
     weight = probe.embedding.weight
     fingerprint = weight[:: max(1, weight.shape[0] // 64), :16].detach().float().cpu().numpy().tobytes()
     digest = hashlib.sha1(fingerprint + repr((probe.loaded.name, tuple(weight.shape), prefix)).encode()).hexdigest()
-    return f"table-{digest[:16]}-layer{probe.layer}.pt"
+    return f"table-{_FORMAT}-{digest[:16]}-layer{probe.layer}.pt"
 
 
 @torch.no_grad()
 def first_position_table(probe: LayerProbe, prefix: list[int], batch_size: int = 512, cache: bool = True) -> torch.Tensor:
-    """[V, d] states at the first prompt position for every token (float16 on the probe's device)."""
+    """[V, d] states at the first prompt position for every token (bfloat16 on the probe's device)."""
     path = cache_dir() / "tables" / _table_key(probe, prefix)
+    what = f"the first-position table of layer {probe.layer}"
     if cache and path.is_file():
-        return torch.load(path, map_location=probe.device)
+        table = torch.load(path, map_location=probe.device)
+        check_finite(table, what, f"delete {path} and run again")
+        return table
     vocab = probe.embedding.weight.shape[0]
     rows = []
     with torch.autocast(probe.device.type, enabled=False):  # float32 states, also under mixed precision
@@ -37,7 +45,9 @@ def first_position_table(probe: LayerProbe, prefix: list[int], batch_size: int =
         for start in range(0, vocab, batch_size):
             ids = torch.arange(start, min(vocab, start + batch_size), device=probe.device)
             states = probe.forward(input_ids=ids[:, None], cache=expand_cache(prefix_cache, len(ids)), start=len(prefix))
-            rows.append(states[:, 0].to(torch.float16))
+            check_finite(states, f"{what} (tokens {start}..{start + len(ids) - 1})",
+                         "the model overflows at this layer in its dtype: load it in float32, or pick another layer")
+            rows.append(states[:, 0].to(TABLE_DTYPE))
         table = torch.cat(rows)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)

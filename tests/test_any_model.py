@@ -1,0 +1,122 @@
+"""SIP-It on architectures other than the default: states beyond float16, Gemma's scaled embeddings,
+tied and untied heads, sliding-window attention, learned positions. Every case must recover exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_inversion import capture_hidden_states, invert_hidden_states, load_model
+from lit_inversion.errors import InversionError
+from lit_inversion.sipit.table import first_position_table
+from lit_inversion.states import LayerProbe
+from lit_inversion.tokens import context_prefix
+from tests.conftest import TINY_VOCAB, _tokenizer
+
+FLOAT16_MAX = 65504.0
+
+
+def _config(arch: str):
+    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig
+
+    shared = dict(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0)
+    if arch in ("llama-tied", "llama-untied", "llama-huge"):
+        return LlamaConfig(**shared, tie_word_embeddings=arch != "llama-untied")
+    if arch == "gemma3":  # embeddings scaled by sqrt(d); local layers see a 4-token window of a 12-token prompt
+        return Gemma3TextConfig(**shared, head_dim=8, sliding_window=4, query_pre_attn_scalar=8,
+                                layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                             "sliding_attention"])
+    if arch == "mistral":  # every layer sliding, window 3
+        return MistralConfig(**shared, sliding_window=3, tie_word_embeddings=False)
+    return GPT2Config(vocab_size=TINY_VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=64, bos_token_id=1,
+                      eos_token_id=2)
+
+
+def _tiny(directory: Path, arch: str) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(arch))
+    with torch.no_grad():
+        embedding = model.get_input_embeddings().weight
+        embedding.normal_(0, 1.0)
+        if arch == "llama-huge":  # a residual stream far beyond float16's range from the first layer on
+            embedding.mul_(3e5)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    _tokenizer(TINY_VOCAB).save_pretrained(directory)
+    return directory
+
+
+ARCHS = ["llama-tied", "llama-untied", "llama-huge", "gemma3", "mistral", "gpt2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> dict:
+    return {arch: load_model(str(_tiny(tmp_path_factory.mktemp(arch), arch))) for arch in ARCHS}
+
+
+def _prompt(length: int, seed: int) -> list[int]:
+    return torch.randint(3, TINY_VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_exact_recovery_on_other_architectures(arch, tiny_models):
+    loaded = tiny_models[arch]
+    for layer in (1, 4):
+        ids = _prompt(12, seed=layer)
+        states = capture_hidden_states(ids, model=loaded, layer=layer)
+        result = invert_hidden_states(states, model=loaded, layer=layer, true_ids=ids)
+        assert result.recovered_ids == ids, (arch, layer)
+        assert all(result.verified)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_probe_states_match_the_models_own_forward(arch, tiny_models):
+    """Our cache and stopped forward against Hugging Face's full forward (its own cache and masks),
+    and injected embedding rows against looked-up ids (Gemma scales only the latter by itself)."""
+    loaded = tiny_models[arch]
+    ids = [loaded.bos_id] + _prompt(12, seed=7)
+    with torch.no_grad():
+        reference = loaded.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    for layer in (1, 3):
+        with LayerProbe(loaded, layer) as probe:
+            ours = probe.states(ids[1:], ids[:1])
+            torch.testing.assert_close(ours, reference[layer][0, 1:].float(), rtol=1e-4, atol=1e-4 * ours.abs().max())
+            with torch.no_grad():
+                rows = probe.embedding.weight[torch.tensor([ids])]
+                injected = probe.forward(inputs_embeds=rows)[0, 1:]
+            torch.testing.assert_close(injected, ours, rtol=1e-5, atol=1e-5 * ours.abs().max())
+
+
+def test_states_beyond_float16_keep_their_range_in_the_table(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIT_INVERSION_CACHE", str(tmp_path))
+    loaded = tiny_models["llama-huge"]
+    prefix = context_prefix(loaded.bos_id, True)
+    with LayerProbe(loaded, 4) as probe:
+        table = first_position_table(probe, prefix)
+        cached = first_position_table(probe, prefix)  # read back from disk
+    assert float(table.float().abs().max()) > FLOAT16_MAX  # float16 would have stored inf here
+    assert bool(torch.isfinite(table).all()) and torch.equal(table, cached)
+    names = [p.name for p in (tmp_path / "tables").iterdir()]
+    assert names and all(name.startswith("table-bf16-") for name in names)  # float16 caches are not reused
+
+
+def test_non_finite_states_end_in_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIT_INVERSION_CACHE", str(tmp_path / "cache"))
+    directory = _tiny(tmp_path / "overflow", "gpt2")
+    loaded = load_model(str(directory))
+    with torch.no_grad():  # token 5's embedding is finite, but its LayerNorm mean overflows float32
+        loaded.model.get_input_embeddings().weight[5] = 3e38
+    with pytest.raises(InversionError, match=r"non-finite values in the first-position table of layer 2 \(tokens 0\.\.95\): 32 NaN or inf"):
+        invert_hidden_states(torch.randn(3, 32), model=loaded, layer=2)
+    with pytest.raises(InversionError, match="non-finite values in the model's layer-2 states of a 3-token prompt: .* NaN or inf"):
+        capture_hidden_states([7, 5, 8], model=loaded, layer=2)
+    with torch.no_grad():
+        loaded.model.get_input_embeddings().weight[5] = float("nan")
+    with pytest.raises(InversionError, match="non-finite values in the input embeddings of .*: 32 NaN or inf"):
+        invert_hidden_states(torch.randn(3, 32), model=loaded, layer=2)
