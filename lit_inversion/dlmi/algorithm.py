@@ -102,7 +102,7 @@ class DlmiConfig:
     # (not applied with init="repeat", which copies on purpose; 1.0 = off).
     max_prompt_target_lcs: float = 0.25
     forbid_target_tokens: bool = False  # ARCA's rule: no target token, nor one that prefix-matches one, in the prompt
-    allow_non_ascii: bool = True  # False: swap in printable ASCII tokens only (special tokens never)
+    allow_non_ascii: bool = False  # printable ASCII tokens only, as nanoGCG (special tokens never)
     share_prefix: bool = True  # candidates reuse the cached keys/values of the prompt before their swap
 
     @classmethod
