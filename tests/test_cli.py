@@ -176,6 +176,7 @@ def test_dlmi_cli_run_writes_records_and_tensorboard(tmp_path, tiny_llama_dir):
     events = EventAccumulator(str(next((tmp_path / "runs").rglob("events.out.tfevents.*")).parent))
     events.Reload()
     assert {"dlmi/loss", "dlmi/mean_tau", "dlmi/honest_lcs"} <= set(events.Tags()["scalars"])
+    assert "dlmi/finished_targets/text_summary" in events.Tags()["tensors"]
 
 
 def test_dlmi_resume_after_sigkill_continues_the_batch(tmp_path, tiny_llama_dir):

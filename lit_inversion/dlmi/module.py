@@ -54,6 +54,7 @@ class DlmiModule(InversionJob):
         self.exact_match = ExactMatch()
         self.lcs = LCSRatio()
         self.optimisation_steps = 0
+        self._finished_rows: list[str] = []
         self._pending: dict | None = None  # an interrupted batch restored from a checkpoint
         self.__dict__["_batch"] = None  # not a submodule: its state travels in on_save_checkpoint
 
@@ -107,6 +108,11 @@ class DlmiModule(InversionJob):
                 self.exact_match.update([result.output_ids], [result.target_ids])
                 self.lcs.update([result.output_ids], [result.target_ids])
                 self.targets_done += 1
+                self._finished_rows.append(f"| {name} | {result.prompt_text!r} | {result.output_text!r} | "
+                                           f"{result.lcs_ratio:.2f} | {'yes' if result.exact_match else 'no'} |")
+                # One table of every target finished so far: target, prompt, output, honest LCS, exact.
+                log_text(self, "dlmi/finished_targets", "| target | prompt | output | honest LCS | exact |\n"
+                         "|---|---|---|---|---|\n" + "\n".join(self._finished_rows), self.optimisation_steps)
                 print(f"[{name}] {'EXACT' if result.exact_match else 'partial'} lcs={result.lcs_ratio:.2f} "
                       f"soft_lcs={result.soft_lcs_ratio:.2f} steps={result.steps} {result.seconds:.1f}s "
                       f"prompt={result.prompt_text!r} -> {result.output_text!r}", flush=True)
