@@ -11,6 +11,7 @@ interrupted batch where it was, and finished targets (already in the results fil
 
 from __future__ import annotations
 
+import copy
 import inspect
 import typing
 from dataclasses import fields, replace
@@ -47,7 +48,11 @@ class DlmiModule(InversionJob):
         unknown = set(options) - set(CONFIG_FIELDS)
         if unknown:
             raise InversionError(f"unknown DLMI option(s) {sorted(unknown)}: see lit_inversion.dlmi.BaselineConfig")
-        self.save_hyperparameters()
+        # Not save_hyperparameters(): it reads the (generated) signature's names from this frame's locals,
+        # where the config fields are not; this is what it stores.
+        self._set_hparams({"model_name_or_path": model_name_or_path, "checkpoint_every": checkpoint_every,
+                           "results_path": results_path, **options})
+        self._hparams_initial = copy.deepcopy(self._hparams)
         given = {name: value for name, value in options.items() if value is not None and name != "method"}
         self.config = method_config(options.get("method") or "dlmi", **given)  # unset: the method's defaults
         self.given = given
