@@ -6,7 +6,7 @@
 
 Methods run in the same process on the same targets: `paper` (the paper's DLMI alone,
 `DlmiConfig.paper()`: float32, learned decoupled tau, final argmax Z) is the baseline; `dlmi` is
-lit-inversion's default (the paper's relaxed phase, then discrete refinement); `dlmi-repeat` seeds it
+lit-inversion's default (the discrete swap search on the exact criterion, no copying); `dlmi-repeat` seeds it
 with a prompt that repeats the target; `gcg`, `gbda`, `reinforce` are the published baselines. Per k
 it reports the honest LCS (greedy decode from the discrete prompt), exact match, the paper-style soft
 LCS, seconds per step (per target: batches of one), steps to success and how much of the target the

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/dlmi_probe.py --ids k6-0                    # the default method
     PYTHONPATH=. python benchmarks/dlmi_probe.py --paper --ids k1-0            # the paper's method
-    PYTHONPATH=. python benchmarks/dlmi_probe.py --ids k6-0 --set refine_objective=margin num_steps=64
+    PYTHONPATH=. python benchmarks/dlmi_probe.py --ids k6-0 --set refine_objective=ce num_steps=64
     PYTHONPATH=. python benchmarks/dlmi_probe.py --timing --threads 2 [--paper | --set ...]  # s/step only
 
 Targets come from data/dlmi_smollm2_k25.jsonl (ids k{K}-{i}); one process, one batch of the given ids.

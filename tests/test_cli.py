@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,7 @@ def test_dlmi_cli_run_writes_records_and_tensorboard(tmp_path, tiny_llama_dir):
     events = EventAccumulator(str(next((tmp_path / "runs").rglob("events.out.tfevents.*")).parent))
     events.Reload()
     assert {"dlmi/loss", "dlmi/mean_tau", "dlmi/honest_lcs"} <= set(events.Tags()["scalars"])
+    assert "dlmi/finished_targets/text_summary" in events.Tags()["tensors"]
 
 
 def test_dlmi_resume_after_sigkill_continues_the_batch(tmp_path, tiny_llama_dir):
@@ -234,14 +236,27 @@ def test_dlmi_killed_at_random_points_gives_the_uninterrupted_results(tmp_path, 
     for directory in (reference, killed):
         directory.mkdir()
         config = _dlmi_config(directory, tiny_llama_dir, num_steps=60, checkpoint_every=2)
-        command = cli_command() + ["fit", "--config", str(config), "--ckpt_path", "last", "--model.check_every", "1000"]
+        # Half relaxed (Adam state and noise must survive a kill), half swap search (its state too).
+        command = cli_command() + ["fit", "--config", str(config), "--ckpt_path", "last", "--model.check_every", "1000",
+                                   "--model.refine_fraction", "0.5"]
         if directory == killed:
             rng = random.Random(7)
+            ckpt = directory / "ckpt" / "last.ckpt"
             for _ in range(3):
                 proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
-                time.sleep(rng.uniform(2.0, 9.0))
+                seen = ckpt.stat().st_mtime_ns if ckpt.exists() else 0
+                deadline = time.time() + 240
+                while time.time() < deadline and proc.poll() is None:  # a fresh mid-batch checkpoint
+                    if ckpt.exists() and ckpt.stat().st_mtime_ns != seen:
+                        break
+                    time.sleep(0.01)
+                time.sleep(rng.uniform(0.0, 0.3))  # then a random moment of the run
+                assert proc.poll() is None, "the run ended before the kill: make its batches longer"
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(timeout=60)
+                assert ckpt.exists(), "killed before any checkpoint was on disk"
+                done = read_results(directory / "results.jsonl") if (directory / "results.jsonl").exists() else []
+                assert len(done) < 4
         run = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
         lines = (directory / "results.jsonl").read_text().splitlines()
@@ -250,3 +265,47 @@ def test_dlmi_killed_at_random_points_gives_the_uninterrupted_results(tmp_path, 
                               for r in read_results(directory / "results.jsonl")}
         assert len(outputs[directory]) == len(lines) == 4  # every target exactly once
     assert outputs[killed] == outputs[reference]
+
+
+def _other_value(name: str, default):
+    """A CLI value for a config field that differs from its default (types only: nothing is built)."""
+    if isinstance(default, bool):
+        return str(not default).lower(), (not default)
+    if isinstance(default, int):
+        return str(default + 1), default + 1
+    if isinstance(default, float):
+        return str(default / 2 + 0.1), default / 2 + 0.1
+    if isinstance(default, tuple):
+        return '[".", "x"]', [".", "x"]
+    if default is None:  # the optional ones: gcg_batch_size (int) and fill_token (str)
+        return ("3", 3) if name == "gcg_batch_size" else ("x", "x")
+    return "repeat" if name == "init" else "gcg" if name == "method" else "ce", None
+
+
+def test_every_dlmi_config_field_is_a_flat_cli_option(tmp_path, tiny_llama_dir, capsys):
+    """`--model.X` sets each BaselineConfig field (the DlmiModule signature comes from the dataclass)."""
+    import yaml
+
+    from lit_inversion.cli import main
+    from lit_inversion.dlmi.baselines import BaselineConfig
+
+    config = _dlmi_config(tmp_path, tiny_llama_dir, num_steps=8)
+    args, expected = [], {}
+    for f in fields(BaselineConfig):
+        text, value = _other_value(f.name, getattr(BaselineConfig(), f.name))
+        args += [f"--model.{f.name}", text]
+        expected[f.name] = text if value is None else value
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    for name, value in expected.items():
+        assert printed[name] == value, name
+
+
+def test_dlmi_cli_accepts_the_copy_seed(tmp_path, tiny_llama_dir):
+    records, _ = run_dlmi_cli(_dlmi_config(tmp_path, tiny_llama_dir, num_steps=8), "--model.init", "repeat",
+                              "--model.prompt_length", "10")
+    assert all(len(r["prompt_ids"]) == 10 for r in records)
+    # the copy seed repeats the target: its prompts share most of it
+    assert max(r["prompt_target_lcs"] for r in records) >= 0.75

@@ -99,8 +99,9 @@ def test_reaches_exact_match_on_reachable_target(tiny):
 
 
 def test_refinement_only_moves_downhill(tiny):
+    # The whole target scored (no window growth) and no restarts: each step keeps or lowers the key.
     config = DlmiConfig(prompt_length=4, num_steps=24, check_every=4, compute_dtype="float32", refine_candidates=8,
-                        refine_fraction=1.0)
+                        refine_fraction=1.0, search_window=0, refine_patience=0)
     batch = DlmiBatch(tiny, [[9, 10, 11, 12, 13]], config)
     keys = []
     while not batch.finished:
@@ -109,8 +110,8 @@ def test_refinement_only_moves_downhill(tiny):
     assert int(batch.tried.sum()) > 0  # verified swaps are remembered, not tried again
 
 
-@pytest.mark.parametrize("objective", ["prefix", "margin"])
-def test_prefix_objective_ranks_the_right_prefix_first(tiny, objective):
+@pytest.mark.parametrize("objective", ["hinge", "ce"])
+def test_objective_ranks_the_right_prefix_first(tiny, objective):
     batch = DlmiBatch(tiny, [[5, 6, 7, 8]], DlmiConfig(**FAST, refine_objective=objective))
     logits = torch.zeros(3, 4, VOCAB)
     logits[0, [0, 1], [5, 6]] = 3.0  # right prefix of 2, the rest hopeless
@@ -119,12 +120,82 @@ def test_prefix_objective_ranks_the_right_prefix_first(tiny, objective):
     logits[1, [0, 1, 2, 3], [5, 40, 7, 8]] = torch.tensor([9.0, 9.0, 8.9, 9.0])
     logits[2, [0, 1, 2, 3], [5, 6, 7, 8]] = 1.0  # all right, barely
     key, loss = batch._objective(logits, torch.zeros(3, dtype=torch.long))
-    assert key[2] < 1 and 2 <= key[0] < 3 <= key[1] < 4
+    assert key[2] < key[0] < key[1]
     assert loss.shape == (3,)
 
 
+def test_shared_prefix_candidates_equal_full_forwards(tiny):
+    from lit_inversion.dlmi.search import PromptScorer
+
+    prompt, target = torch.tensor([7, 8, 9, 10, 11]), torch.tensor([20, 21, 22])
+    tokens = torch.tensor([30, 31, 32])
+    shared, full = PromptScorer(tiny.model, [BOS], True), PromptScorer(tiny.model, [BOS], False)
+    _, _, cache = shared.with_gradient(prompt, target)
+    assert cache is not None
+    for position in (0, 2, 4):
+        a = shared.candidates(prompt, position, tokens, target, cache)
+        b = full.candidates(prompt, position, tokens, target, None)
+        changed = prompt.repeat(3, 1)
+        changed[:, position] = tokens
+        batch = DlmiBatch(tiny, [target.tolist()], DlmiConfig(**{**FAST, "prompt_length": 5}))
+        with torch.no_grad():
+            reference = batch._target_logits(tiny.model.get_input_embeddings().weight[changed], torch.zeros(3).long())
+        assert torch.allclose(a, b, atol=1e-4) and torch.allclose(b, reference, atol=1e-4)
+
+
+SEARCH = dict(prompt_length=4, num_steps=60, check_every=4, compute_dtype="float32", refine_candidates=32,
+              refine_topk=32)
+
+
+def test_search_reaches_exact_match_without_copying(tiny):
+    target = _reachable_target(tiny, prompt_length=4, length=5)
+    (result,) = invert_outputs(tiny, [target], DlmiConfig(**SEARCH))
+    assert result.exact_match and result.steps < SEARCH["num_steps"]
+    assert result.prompt_target_lcs <= 0.25
+    decoded = greedy_decode(tiny.model, torch.tensor([[BOS] + result.prompt_ids]), len(target))[0].tolist()
+    assert decoded == target
+
+
+def test_copy_limit_and_forbidden_tokens_hold_at_every_step(tiny):
+    from lit_inversion.dlmi.search import lcs_length
+
+    target = [9, 10, 11, 12, 13, 14, 15, 16]
+    config = DlmiConfig(**{**SEARCH, "num_steps": 12}, forbid_target_tokens=True)
+    batch = DlmiBatch(tiny, [target], config)
+    assert not batch.allowed[0, target].any() and batch.allowed[0, 40]
+    while not batch.finished:
+        batch.step()
+        prompt = batch.current[0].tolist()
+        assert not set(prompt) & set(target) and lcs_length(prompt, target) <= 2
+    # Without forbidding, the search may use target tokens, but only within the LCS limit.
+    copy = DlmiBatch(tiny, [target], DlmiConfig(**{**SEARCH, "num_steps": 12}, max_prompt_target_lcs=0.125))
+    while not copy.finished:
+        copy.step()
+        assert lcs_length(copy.current[0].tolist(), target) <= 1
+
+
+def test_forbidden_tokens_prefix_match_in_decoded_strings():
+    from lit_inversion.dlmi.vocab import forbidden_for_target
+
+    tok = _word_tokenizer_for(["cat", "Cats", "ca", "dog", "c", "x"])
+    ids = {w: i for i, w in enumerate(["cat", "Cats", "ca", "dog", "c", "x"], start=3)}
+    forbidden = forbidden_for_target(tok, 3 + 6, [ids["cat"]])
+    assert {w for w, i in ids.items() if forbidden[i]} == {"cat", "Cats", "ca", "c"}
+
+
+def _word_tokenizer_for(words):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: 3 + i for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 def test_stalled_refinement_restarts_from_the_next_init_prompt(tiny):
-    config = DlmiConfig(prompt_length=4, num_steps=12, compute_dtype="float32", refine_candidates=4, refine_patience=2)
+    config = DlmiConfig(prompt_length=4, num_steps=12, compute_dtype="float32", refine_candidates=4, refine_patience=2,
+                        init="repeat")
     batch = DlmiBatch(tiny, [[9, 10, 11, 12, 13]], config)
     for _ in range(3):
         batch.step()

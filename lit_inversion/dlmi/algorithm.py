@@ -6,14 +6,15 @@ p @ E as the prompt embeddings and lowers the teacher-forced cross-entropy of th
 is argmax Z. That scores well on the *soft* pass but poorly on the *honest* check (greedy decoding
 from the discrete prompt), which is what we report.
 
-The default keeps the paper's relaxed phase (its hyperparameters, N(0, 1) logits) for the first
-half of the steps, then closes the soft/honest gap with a GCG-style discrete refinement started
-from the relaxed solution: single-token swaps ranked by the one-hot gradient, verified in one
-batched forward, accepting only improvements of the "prefix" objective (the length of the target
-prefix that greedy decoding gets right, then the loss from there on). Honest checks run every
-`check_every` steps and keep the best prompt. Extras: tau anneal and straight-through steps late in
-the relaxed phase, and `init="repeat"`, a seed prompt that repeats the target (then a target that
-stalls for `refine_patience` steps restarts from its next repeat prompt).
+The default (`DlmiConfig()`) spends every step on a discrete swap search (`search.py`) that selects
+and stops on the exact criterion: single-token swaps ranked by the one-hot gradient of a hinge on
+the logit margin, scored by how many leading target positions the teacher-forced argmax gets right
+(for a discrete prompt that is exactly what greedy decoding reproduces, so every candidate is a free
+exact check), then by the hinge over a window of the next target positions. No copying: swaps that
+would lift LCS(prompt, target) / M above `max_prompt_target_lcs` are rejected, and
+`forbid_target_tokens` applies ARCA's rule. `refine_fraction < 1` runs the paper's relaxed phase
+first and starts the search from its argmax. `init="repeat"` is the opt-in copy seed: prompts that
+repeat the target (`anchor t1 .. anchor`), restarted from the next anchor on a plateau.
 
 Token convention (`lit_inversion.tokens`): prompts and targets never contain BOS; the model sees
 `[BOS] + prompt + target` when `prepend_bos` is on.
@@ -34,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lit_inversion.dlmi import search
+from lit_inversion.dlmi.vocab import allowed_tokens, forbidden_for_target
 from lit_inversion.errors import InversionError
 from lit_inversion.metrics import lcs_ratio
 from lit_inversion.tokens import check_ids, context_prefix, decode
@@ -41,8 +44,17 @@ from lit_inversion.tokens import check_ids, context_prefix, decode
 TEMPERATURES = ("decoupled", "shared", "fixed")
 RELAXATIONS = ("soft", "straight_through")
 INITS = ("random", "repeat")
-OBJECTIVES = ("prefix", "margin", "ce")
+OBJECTIVES = ("hinge", "ce")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype `name` stands for on `device` ("auto": bf16 where it is native)."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()):
+        return torch.bfloat16
+    return torch.float32
 
 
 @dataclass
@@ -63,29 +75,41 @@ class DlmiConfig:
     prepend_bos: bool = True
     seed: int = 0
     # --- improvements over the paper (all off in `paper()`) ---
-    compute_dtype: str = "bfloat16"  # autocast dtype of the optimisation forwards; checks run in the model's dtype
+    # "auto": bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16), else float32 (emulated bf16 is
+    # several times slower on CPU). Honest checks always run in the model's own dtype.
+    compute_dtype: str = "auto"
     anneal_from: float = 1.0  # fraction of the relaxed steps after which tau is annealed (1.0 = never)
     anneal_to: float = 0.01  # tau multiplier reached at the last relaxed step
     straight_through_from: float = 1.0  # fraction of the relaxed steps after which steps are straight-through
-    refine_fraction: float = 0.5  # fraction of num_steps spent on discrete (GCG-style) refinement at the end
-    refine_candidates: int = 16  # single-token swaps verified per refinement step, per target
-    refine_topk: int = 32  # swaps are drawn from the top-k tokens of the one-hot gradient
-    refine_objective: str = "prefix"  # prefix | margin (right greedy prefix first) | ce (mean cross-entropy)
-    refine_patience: int = 40  # restart from the next "repeat" init prompt after this many steps without a
-    # longer right prefix (0 = never; needs init="repeat")
+    # --- the discrete swap search (search.py): the default spends every step here ---
+    refine_fraction: float = 1.0  # fraction of num_steps spent on the swap search (after the relaxed phase)
+    refine_candidates: int = 64  # single-token swaps scored per step, per target
+    refine_positions: int = 4  # prompt positions swapped per step (candidates per position share its prefix)
+    refine_topk: int = 64  # swaps are drawn from the top-k tokens of the one-hot gradient
+    refine_objective: str = "hinge"  # hinge: relu(best other logit - target logit + margin) | ce
+    margin: float = 1.0  # kappa of the hinge: right positions keep this logit gap
+    search_window: int = 4  # score the right prefix + this many target positions (0 = the whole target)
+    refine_patience: int = 16  # steps without a better prompt before a restart (0 = never)
+    restart_swaps: int = 3  # positions a restart re-draws at random (init="repeat": the next seed prompt)
     keep_best: bool = True  # return the best prompt seen at any honest check, not the last argmax Z
-    # random: the paper's N(0, 1). repeat: raise Z on a prompt that repeats the target (`anchor t1 ..
-    # anchor`, which small models continue by copying): a strong seed, but the prompt then contains
-    # the target, which is no inversion in the privacy sense; results record `target_in_prompt`.
+    # random: the paper's N(0, 1) logits (and random tokens for the swap search). repeat: the copy seed,
+    # `anchor t1 .. anchor` prompts that small models continue by copying; the prompt then contains the
+    # target, which is no inversion in the privacy sense (records carry `prompt_target_lcs`).
     init: str = "random"
     init_scale: float = 10.0  # how far Z is raised on the "repeat" init prompt's tokens
     init_anchors: tuple[str, ...] = ("\n", ".", ":", "\n\n", '"', " ")  # separators tried by the "repeat" init
+    # No copying: the search rejects swaps that would lift LCS(prompt, target) / M above this
+    # (not applied with init="repeat", which copies on purpose; 1.0 = off).
+    max_prompt_target_lcs: float = 0.25
+    forbid_target_tokens: bool = False  # ARCA's rule: no target token, nor one that prefix-matches one, in the prompt
+    allow_non_ascii: bool = False  # printable ASCII tokens only, as nanoGCG (special tokens never)
+    share_prefix: bool = True  # candidates reuse the cached keys/values of the prompt before their swap
 
     @classmethod
     def paper(cls, **overrides) -> DlmiConfig:
         """The paper's method: float32, learned tau only, no refinement, final argmax Z."""
         base = cls(compute_dtype="float32", anneal_from=1.0, straight_through_from=1.0, refine_fraction=0.0,
-                   keep_best=False, init="random", refine_patience=0)
+                   keep_best=False, init="random", refine_patience=0, max_prompt_target_lcs=1.0)
         return replace(base, **overrides)
 
     @property
@@ -109,19 +133,24 @@ class DlmiConfig:
 
         need(self.prompt_length >= 1, f"prompt_length must be at least 1 (got {self.prompt_length}): "
              "set prompt_length to a positive number of tokens")
-        for name in ("num_steps", "gumbel_samples", "check_every", "refine_candidates", "refine_topk"):
+        for name in ("num_steps", "gumbel_samples", "check_every", "refine_candidates", "refine_topk",
+                     "refine_positions"):
             need(getattr(self, name) >= 1, f"{name} must be at least 1 (got {getattr(self, name)})")
         need(self.learning_rate > 0 and self.tau0 > 0 and self.eps > 0, "learning_rate, tau0 and eps must be positive")
         one_of("temperature", TEMPERATURES)
         need(self.temperature != "fixed" or self.fixed_tau > 0, f"fixed_tau must be positive (got {self.fixed_tau})")
         one_of("relaxation", RELAXATIONS)
-        one_of("compute_dtype", tuple(DTYPES))
+        one_of("compute_dtype", ("auto",) + tuple(DTYPES))
         one_of("refine_objective", OBJECTIVES)
         one_of("init", INITS)
         for name in ("refine_fraction", "anneal_from", "straight_through_from"):
             need(0.0 <= getattr(self, name) <= 1.0, f"{name} is a fraction in [0, 1] (got {getattr(self, name)})")
         need(self.anneal_to > 0, f"anneal_to must be positive (got {self.anneal_to})")
         need(self.refine_patience >= 0, f"refine_patience must be 0 (off) or positive (got {self.refine_patience})")
+        need(self.search_window >= 0 and self.restart_swaps >= 0 and self.margin >= 0,
+             "search_window, restart_swaps and margin must be 0 or positive")
+        need(0.0 <= self.max_prompt_target_lcs <= 1.0,
+             f"max_prompt_target_lcs is a fraction in [0, 1] (got {self.max_prompt_target_lcs}); 1.0 turns it off")
 
 
 @dataclass
@@ -231,6 +260,10 @@ class DlmiBatch(nn.Module):
             self.register_buffer("current_key", torch.full((B,), math.inf))  # objective key of `current`
             # Swaps already verified against the current prompt: never verified twice (reset on a move).
             self.register_buffer("tried", torch.zeros(B, N, V, dtype=torch.bool) if config.refine_steps else torch.zeros(0))
+            self.register_buffer("lead", torch.zeros(B, dtype=torch.long))  # right target prefix of `current`
+            self.register_buffer("exact_due", torch.zeros(B, dtype=torch.bool))  # teacher forcing says exact: check
+            # Tokens the swap search may put in, per target (special tokens, copy rules).
+            self.register_buffer("allowed", self._allowed_tokens(), persistent=False)
             self.register_buffer("best_prompt", z.argmax(-1))
             self.register_buffer("best_output", torch.zeros(B, M, dtype=torch.long))
             self.register_buffer("checked", torch.full((B, N), -1, dtype=torch.long))  # last prompt checked
@@ -292,7 +325,7 @@ class DlmiBatch(nn.Module):
         return self.loaded.model.get_input_embeddings().weight
 
     def _autocast(self):
-        dtype = DTYPES[self.config.compute_dtype]
+        dtype = resolve_dtype(self.config.compute_dtype, self._embeddings.device)
         return torch.autocast(self._embeddings.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def _target_logits(self, prompt_emb: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -353,6 +386,9 @@ class DlmiBatch(nn.Module):
         if bool(in_refine.all()):
             stats.phase = "refine"
             loss = self._refine_step(idx)
+            if self.exact_due.any():  # candidates are exact checks: confirm a match by greedy decoding now
+                self.check(only=self.exact_due.clone())
+                self.exact_due[:] = False
         else:
             loss, tau = self._relaxed_step(idx)
             stats.tau[idx] = tau
@@ -418,125 +454,190 @@ class DlmiBatch(nn.Module):
             best.append(options[keys.argsort()])
         return torch.stack(best)
 
-    # ----- discrete refinement -------------------------------------------------------------------
-    def _objective(self, logits: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(key [R] that ranks discrete prompts, smaller is better; differentiable loss [R]).
+    # ----- discrete refinement (the swap search, search.py) ----------------------------------------
+    def _allowed_tokens(self) -> torch.Tensor:
+        """[B, V] bool: the tokens each target's swap search may use."""
+        c, tok, V = self.config, self.loaded.tokenizer, self.loaded.vocab_size
+        base = allowed_tokens(tok, V, c.allow_non_ascii).clone()
+        special = [i for i in (getattr(tok, "all_special_ids", None) or []) if 0 <= i < V]
+        base[special] = False
+        rows = []
+        for b, n in enumerate(self.lengths):
+            row = base.clone()
+            if c.forbid_target_tokens:
+                row &= ~forbidden_for_target(tok, V, self.target_ids[b, :n].tolist())
+            rows.append(row)
+        return torch.stack(rows)
 
-        "ce": both are the mean cross-entropy. "prefix": greedy decoding reproduces the target exactly
-        as far as the teacher-forced argmax is right, so the key ranks by the length of that right
-        prefix first, then by the cross-entropy at the first wrong position plus the mean over the
-        positions from there on (so fixing one position cannot wreck the ones after it). "margin":
-        the same, with the logit gap to the best other token at the first wrong position in place of
-        its cross-entropy.
-        """
-        R, M, V = logits.shape
-        target, mask = self.target_ids[rows], self.target_mask[rows]
-        ce = F.cross_entropy(logits.float().reshape(R * M, V), target.reshape(-1), reduction="none").view(R, M) * mask
-        mean_ce = ce.sum(1) / mask.sum(1)
-        if self.config.refine_objective == "ce":
-            return mean_ce.detach(), mean_ce
-        right = (logits.detach().argmax(-1) == target) | ~mask
-        prefix = right.long().cumprod(1).sum(1)  # [R] length of the right prefix (padding counts as right)
-        lengths = mask.sum(1)
-        first = prefix.clamp(max=M - 1)  # the first wrong position
-        positions = torch.arange(M)[None]
-        upto = (positions <= first[:, None]) & mask
-        after = (positions >= first[:, None]) & mask
-        mean_after = (ce * after).sum(1) / after.sum(1).clamp(min=1)
-        if self.config.refine_objective == "margin":
-            # The logit gap from the best other token up to the target token at the first wrong position.
-            r, y = torch.arange(R), target[torch.arange(R), first]
-            at = logits.float()[r, first]  # [R, V]
-            gap = (at.scatter(1, y[:, None], -math.inf).max(1).values - at[r, y]).clamp(min=0) * mask[r, first]
-            later = (positions > first[:, None]) & mask
-            before = (positions < first[:, None]) & mask
-            mean_later = (ce * later).sum(1) / later.sum(1).clamp(min=1)
-            loss = (ce * before).sum(1) / before.sum(1).clamp(min=1) + gap + mean_later
-            second = (gap + mean_later).detach()
-        else:
-            loss = (ce * upto).sum(1) / upto.sum(1) + mean_after
-            second = (ce.gather(1, first[:, None])[:, 0] + mean_after).detach()
-        done = mean_ce.detach()
-        key = torch.where(prefix >= lengths, done / (1 + done), (lengths - prefix).float() + second / (1 + second))
-        return key, loss
+    @property
+    def copy_limit(self) -> float:
+        """The largest LCS(prompt, target) / M the search accepts (the copy seed opts out)."""
+        return 1.0 if self.config.init == "repeat" else self.config.max_prompt_target_lcs
+
+    def _objective(self, logits: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rank key [R], summed loss [R]) of teacher-forced logits [R, M, V]: the right target prefix
+        first, then the objective over the whole target (padding counts as right)."""
+        c = self.config
+        keys, losses = [], []
+        for r, b in enumerate(rows.tolist()):
+            n = self.lengths[b]
+            scored, loss = search.score(logits[r : r + 1, :n], self.target_ids[b, :n], c.refine_objective, c.margin)
+            keys.append(scored.key[0])
+            losses.append(loss[0])
+        return torch.stack(keys), torch.stack(losses)
 
     @torch.no_grad()
     def _discrete_key(self, prompts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         with self._autocast():
             return self._objective(self._target_logits(self._embeddings[prompts], rows), rows)[0]
 
+    def _random_prompt(self, b: int) -> torch.Tensor:
+        """Random allowed tokens for target b, drawn from its generator, within the copy limit."""
+        choices = torch.nonzero(self.allowed[b]).flatten()
+        target = self.target_ids[b, : self.lengths[b]].tolist()
+        for _ in range(100):
+            prompt = choices[torch.randint(len(choices), (self.config.prompt_length,), generator=self.generators[b])]
+            if search.lcs_length(prompt.tolist(), target) <= self.copy_limit * len(target):
+                break
+        return prompt
+
     def _start_refinement(self, idx: torch.Tensor) -> None:
-        """Start from the better of argmax Z and the best honest prompt so far."""
-        options = [self.argmax_prompts()[idx]] + ([self.best_prompt[idx]] if self.config.keep_best else [])
-        keys = torch.stack([self._discrete_key(o, idx) for o in options])  # [O, A]
-        self.current[idx] = torch.stack(options)[keys.argmin(0), torch.arange(len(idx))]
+        """Start from argmax Z after a relaxed phase; from the copy seed with init="repeat"; else from
+        the best-scored of a random prompt and one-token fills (the anchors repeated), within the copy limit."""
+        c = self.config
+        for b in idx.tolist():
+            if c.relaxed_steps > 0:
+                start = self.argmax_prompts()[b]
+            elif c.init == "repeat":
+                start = self.seeds[b, 0]
+            else:
+                target = self.target_ids[b, : self.lengths[b]].tolist()
+                options = [self._random_prompt(b)]
+                for a in anchor_ids(self.loaded.tokenizer, c.init_anchors):
+                    fill = [a] * c.prompt_length
+                    if self.allowed[b, a] and search.lcs_length(fill, target) <= self.copy_limit * len(target):
+                        options.append(torch.tensor(fill))
+                options = torch.stack(options)
+                start = options[self._discrete_key(options, torch.full((len(options),), b)).argmin()]
+            self.current[b] = start
         self.tried[idx] = False
+        self.lead[idx] = 0
+        self.stalled[idx] = 0
+
+    def _scorer(self) -> search.PromptScorer:
+        if getattr(self, "_prompt_scorer", None) is None:
+            self._prompt_scorer = search.PromptScorer(self.loaded.model, self.prefix, self.config.share_prefix)
+        return self._prompt_scorer
 
     def _refine_step(self, idx: torch.Tensor) -> torch.Tensor:
-        """GCG-style: rank single-token swaps by the one-hot gradient, verify a batch, keep an improvement."""
+        """One swap-search step per running target: gradient, candidates, exact-criterion ranking.
+
+        Targets run one after another: each one's candidates already fill a large forward, and a
+        target's cost never depends on the batch it is in."""
         c = self.config
         first = self.steps[idx] == c.relaxed_steps
         if first.any():
             self._start_refinement(idx[first])
-        E = self._embeddings
-        prompts = self.current[idx]  # [A, N]
-        emb = E[prompts].detach().requires_grad_(True)
+        keys = []
         with self._autocast():
-            logits = self._target_logits(emb, idx)
-        key, loss = self._objective(logits, idx)
+            for b in idx.tolist():
+                keys.append(self._search_one(b))
+        return torch.tensor(keys)
+
+    def _search_one(self, b: int) -> float:
+        c, E, g = self.config, self._embeddings, self.generators[b]
+        n = self.lengths[b]
+        target = self.target_ids[b, :n]
+        w = n if c.search_window == 0 else min(n, int(self.lead[b]) + c.search_window)
+        prompt = self.current[b].clone()
+        scorer = self._scorer()
+        while True:
+            logits, emb, cache = scorer.with_gradient(prompt, target[:w])
+            now, loss = search.score(logits, target[:w], c.refine_objective, c.margin)
+            self.lead[b] = int(now.lead[0])
+            if not (w < n and int(now.lead[0]) == w):
+                break
+            w = min(n, w + c.search_window)  # the window is all right: widen it before searching
+        self.soft_lcs[b] = lcs_ratio(now.pred[0].tolist(), target.tolist())
+        if int(now.lead[0]) == n and not torch.equal(self.checked[b], prompt):
+            self.exact_due[b] = True  # the teacher-forced argmax is the target: step() checks it now
+            return float(now.key[0])
         (grad,) = torch.autograd.grad(loss.sum(), emb)
-        score = -(grad.float() @ E.detach().float().T)  # [A, N, V] first-order gain of each swap
-        score.scatter_(-1, prompts[..., None], -math.inf)  # a swap must change the token
-        score.masked_fill_(self.tried[idx], -math.inf)
-        top = score.topk(min(c.refine_topk, score.shape[-1] - 1), -1).indices  # [A, N, k]
-        N, k = c.prompt_length, top.shape[-1]
-        C = min(c.refine_candidates, N * k)
-        # C distinct swaps, each of a random position to one of its top-k untried tokens.
-        flat = torch.stack([torch.randperm(N * k, generator=self.generators[b])[:C] for b in idx.tolist()])
-        pos, pick = flat // k, flat % k  # [A, C]
-        arange = torch.arange(len(idx))
-        tokens = top[arange[:, None], pos, pick]  # [A, C]
-        candidates = prompts[:, None].repeat(1, C, 1)  # [A, C, N]
-        candidates[arange[:, None], torch.arange(C)[None], pos] = tokens
-        rows = idx.repeat_interleave(C)
-        with torch.no_grad(), self._autocast():
-            cand_logits = self._target_logits(E[candidates.flatten(0, 1)], rows)
-            cand_key = self._objective(cand_logits, rows)[0].view(len(idx), C)
-        best_key, best = cand_key.min(1)
-        better = best_key < key
-        tried = self.tried[idx]
-        tried[arange[:, None], pos, tokens] = True
-        tried[better] = False  # a new prompt has a new neighbourhood
-        self.tried[idx] = tried
-        longer = better & (best_key.floor() < key.floor())  # the right prefix grew
-        self.stalled[idx] = torch.where(longer, 0, self.stalled[idx] + 1)
-        self.current[idx] = torch.where(better[:, None], candidates[arange, best], prompts)
-        chosen_logits = cand_logits.view(len(idx), C, *cand_logits.shape[1:])[arange, best]
-        pred = torch.where(better[:, None], chosen_logits.argmax(-1), logits.detach().argmax(-1))
-        self.soft_lcs[idx] = torch.tensor(self._lcs_rows(pred, idx))
-        self.current_key[idx] = torch.where(better, best_key, key)
-        stats = self.current_key[idx].clone()
-        if c.refine_patience and c.init == "repeat":
-            self._restart_stalled(idx[self.stalled[idx] >= c.refine_patience])
-        return stats
+        gain = -(grad[0].float() @ E.detach().float().T)  # [N, V] first-order gain of each swap
+        blocked = ~self.allowed[b][None] | self.tried[b]
+        blocked[torch.arange(c.prompt_length), prompt] = True
+        gain.masked_fill_(blocked, -torch.inf)
+        k = min(c.refine_topk, gain.shape[-1])
+        top_gain, top = gain.topk(k, -1)  # [N, k]
+        open_positions = torch.nonzero(torch.isfinite(top_gain[:, 0])).flatten()
+        if len(open_positions) == 0:
+            return self._stall(b, float(now.key[0]))
+        order = open_positions[torch.randperm(len(open_positions), generator=g)][: c.refine_positions]
+        per = max(1, c.refine_candidates // len(order))
+        target_list, prompt_list = target.tolist(), prompt.tolist()
+        target_set = set(target_list)
+        best_key, best = float(now.key[0]), None
+        for p in sorted(order.tolist()):
+            finite = int(torch.isfinite(top_gain[p]).sum())
+            pick = top[p, torch.randperm(finite, generator=g)[:per]]
+            self.tried[b, p, pick] = True
+            pick = torch.tensor([t for t in pick.tolist()
+                                 if search.copy_ok(prompt_list, target_list, p, t, self.copy_limit, target_set)],
+                                dtype=torch.long)
+            if len(pick) == 0:
+                continue
+            cand_logits = scorer.candidates(prompt, p, pick, target[:w], cache)
+            scored, _ = search.score(cand_logits, target[:w], c.refine_objective, c.margin)
+            i = int(scored.key.argmin())
+            if float(scored.key[i]) < best_key:
+                best_key, best = float(scored.key[i]), (p, int(pick[i]), int(scored.lead[i]))
+        if best is None:
+            return self._stall(b, float(now.key[0]))
+        p, token, lead = best
+        self.current[b, p] = token
+        self.lead[b] = lead
+        self.exact_due[b] = lead == n and w == n
+        self.tried[b] = False  # a new prompt has a new neighbourhood
+        self.stalled[b] = 0
+        return best_key
+
+    def _stall(self, b: int, key: float) -> float:
+        """No better swap this step; after `refine_patience` such steps, restart."""
+        self.stalled[b] += 1
+        if self.config.refine_patience and int(self.stalled[b]) >= self.config.refine_patience:
+            self._restart_stalled(torch.tensor([b]))
+        return key
 
     def _restart_stalled(self, idx: torch.Tensor) -> None:
-        """Move stalled targets to their next init prompt (the best honest prompt is kept anyway)."""
-        if len(idx) == 0:
-            return
-        self.restarts[idx] += 1
-        self.current[idx] = self.seeds[idx, self.restarts[idx] % self.seeds.shape[1]]
-        self.tried[idx] = False
-        self.stalled[idx] = 0
+        """Restart stalled targets: the next copy seed (init="repeat"), else re-draw `restart_swaps`
+        random positions of the current prompt (the best honest prompt is kept anyway)."""
+        c = self.config
+        for b in idx.tolist():
+            self.restarts[b] += 1
+            if c.init == "repeat":
+                self.current[b] = self.seeds[b, int(self.restarts[b]) % self.seeds.shape[1]]
+            else:
+                fresh = self._random_prompt(b)
+                positions = torch.randperm(c.prompt_length, generator=self.generators[b])[: c.restart_swaps]
+                changed = self.current[b].clone()
+                changed[positions] = fresh[positions]
+                target = self.target_ids[b, : self.lengths[b]].tolist()
+                if search.lcs_length(changed.tolist(), target) <= self.copy_limit * len(target):
+                    self.current[b] = changed
+            self.tried[b] = False
+            self.stalled[b] = 0
+            self.lead[b] = 0
 
     # ----- honest check --------------------------------------------------------------------------
     @torch.no_grad()
     @on_model_device
-    def check(self) -> list[DlmiResult]:
-        """Greedy-decode from each running target's discrete prompt; keep the best; stop exact matches."""
+    def check(self, only: torch.Tensor | None = None) -> list[DlmiResult]:
+        """Greedy-decode from each running target's discrete prompt (or only those in the [B] mask
+        `only`); keep the best; stop exact matches."""
         prompts = self.discrete_prompts()
         # A prompt already checked decodes the same way: skip it (refinement moves are rare late on).
-        idx = torch.nonzero(~self.done & (prompts != self.checked).any(1)).flatten()
+        todo = ~self.done & (prompts != self.checked).any(1)
+        idx = torch.nonzero(todo if only is None else todo & only).flatten()
         self.checked[idx] = prompts[idx]
         if len(idx):
             prompts = prompts[idx]

@@ -43,7 +43,6 @@ class BaselineConfig(DlmiConfig):
     search_width: int = 512  # candidate prompts scored per step, per target
     topk: int = 256  # each swap draws from the top-k tokens of the one-hot gradient at its position
     n_replace: int = 1  # positions swapped per candidate
-    allow_non_ascii: bool = False  # False: never swap in special or non-printable / non-ASCII tokens
     filter_ids: bool = True  # drop candidates whose decode -> encode round trip changes the ids
     gcg_batch_size: int | None = None  # candidates per scoring forward (None: all); halved on out-of-memory
     fill_token: str | None = None  # start from this one-token string repeated (nanoGCG 'x', GCG '!'); None: `init`

@@ -14,46 +14,14 @@ nanoGCG's extras: special and non-printable / non-ASCII tokens are never swapped
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import torch
 
 from lit_inversion.dlmi.baselines import BaselineBatch
+from lit_inversion.dlmi.vocab import allowed_tokens, retokenization_mask  # noqa: F401 (re-exported)
 from lit_inversion.errors import InversionError
 from lit_inversion.tokens import encode
-
-_ALLOWED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {(V, allow): mask}
-
-
-def allowed_tokens(tokenizer, vocab_size: int, allow_non_ascii: bool = False) -> torch.Tensor:
-    """[V] bool: the tokens a swap may put in. Embedding rows beyond the tokenizer never qualify;
-    without `allow_non_ascii`, neither do special tokens nor tokens that decode to anything but
-    printable ASCII (newlines, byte pieces, other scripts)."""
-    cached = _ALLOWED.setdefault(tokenizer, {})
-    key = (vocab_size, allow_non_ascii)
-    if key not in cached:
-        known = min(vocab_size, len(tokenizer))
-        allowed = torch.zeros(vocab_size, dtype=torch.bool)
-        if allow_non_ascii:
-            allowed[:known] = True
-        else:
-            texts = tokenizer.batch_decode([[i] for i in range(known)], skip_special_tokens=False)
-            allowed[:known] = torch.tensor([t.isascii() and t.isprintable() for t in texts])
-            special = [i for i in tokenizer.all_special_ids if 0 <= i < vocab_size]
-            allowed[special] = False
-        cached[key] = allowed
-    return cached[key]
-
-
-def retokenization_mask(tokenizer, prompts: torch.Tensor) -> torch.Tensor:
-    """[R] bool: which prompts [R, N] come back as the same ids after decode -> encode.
-
-    A prompt that does not is a string the model would never see as those tokens."""
-    texts = tokenizer.batch_decode(prompts.tolist(), skip_special_tokens=False)
-    again = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return torch.tensor([list(a) == p for a, p in zip(again, prompts.tolist())], dtype=torch.bool)
-
 
 def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, torch.OutOfMemoryError):

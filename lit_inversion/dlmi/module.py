@@ -1,5 +1,8 @@
 """DLMI as a Lightning job: one training step optimises one batch of targets to the end.
 
+(Still a custom loop inside the step: the continuous-batching rewrite, one Lightning step per
+optimisation step over a pool of target slots, is not done yet.)
+
 Per optimisation step it logs the loss and mean temperature; per honest check the honest LCS and
 exact-match rate and the current prompt and output text. `last.ckpt` is written every
 `checkpoint_every` steps with the batch's parameters and Adam state, so a killed run resumes the
@@ -8,11 +11,15 @@ interrupted batch where it was, and finished targets (already in the results fil
 
 from __future__ import annotations
 
+import copy
+import inspect
+import typing
 from dataclasses import fields, replace
 
 from lit_inversion.dlmi.algorithm import DlmiBatch, DlmiResult
 from lit_inversion.dlmi.baselines import LABELS, BaselineConfig, make_batch, method_config
 from lit_inversion.dlmi.data import OutputTarget
+from lit_inversion.errors import InversionError
 from lit_inversion.job import InversionJob
 from lit_inversion.metrics import ExactMatch, LCSRatio
 from lit_inversion.models import DEFAULT_MODEL
@@ -27,63 +34,39 @@ def dlmi_record(target_id: str, result: DlmiResult) -> dict:
 
 
 class DlmiModule(InversionJob):
-    """Finds prompts whose greedy continuation is the target. Options mirror `BaselineConfig`.
+    """Finds prompts whose greedy continuation is the target.
 
-    `method` picks DLMI (default) or a baseline: gbda | reinforce | gcg. Options left unset (None)
-    take the method's preset (`method_config`); the search_width .. baseline_decay options are the
-    baselines' own.
+    Every `BaselineConfig` field (DLMI's and the baselines' options, `method` included) is a keyword
+    option here and a flat `--model.<field>` CLI option: the signature is generated from the
+    dataclass (`_config_signature`), so no option list is copied by hand. Options left unset (None)
+    take the method's preset (`method_config`).
     """
 
-    def __init__(
-        self,
-        model_name_or_path: str = DEFAULT_MODEL,
-        prompt_length: int = 20,
-        num_steps: int = 256,
-        learning_rate: float = 0.1,
-        tau0: float = 100.0,
-        gumbel_samples: int = 8,
-        temperature: str | None = None,
-        fixed_tau: float = 1.0,
-        teacher_forcing: bool | None = None,
-        relaxation: str = "soft",
-        check_every: int | None = None,
-        prepend_bos: bool = True,
-        seed: int = 0,
-        compute_dtype: str | None = None,
-        anneal_from: float | None = None,
-        anneal_to: float | None = None,
-        straight_through_from: float | None = None,
-        refine_fraction: float | None = None,
-        refine_candidates: int | None = None,
-        refine_topk: int | None = None,
-        keep_best: bool | None = None,
-        method: str = "dlmi",
-        search_width: int | None = None,
-        topk: int | None = None,
-        n_replace: int | None = None,
-        allow_non_ascii: bool | None = None,
-        filter_ids: bool | None = None,
-        gcg_batch_size: int | None = None,
-        fill_token: str | None = None,
-        baseline_decay: float | None = None,
-        checkpoint_every: int = 32,
-        results_path: str = "results/dlmi.jsonl",
-    ):
+    def __init__(self, model_name_or_path: str = DEFAULT_MODEL, checkpoint_every: int = 32,
+                 results_path: str = "results/dlmi.jsonl", **options):
         super().__init__(model_name_or_path, results_path)
-        self.save_hyperparameters()
-        given = {f.name: self.hparams[f.name] for f in fields(BaselineConfig)
-                 if f.name != "method" and f.name in self.hparams and self.hparams[f.name] is not None}
-        self.config = method_config(method, **given)  # unset options keep the method's defaults
+        unknown = set(options) - set(CONFIG_FIELDS)
+        if unknown:
+            raise InversionError(f"unknown DLMI option(s) {sorted(unknown)}: see lit_inversion.dlmi.BaselineConfig")
+        # Not save_hyperparameters(): it reads the (generated) signature's names from this frame's locals,
+        # where the config fields are not; this is what it stores.
+        self._set_hparams({"model_name_or_path": model_name_or_path, "checkpoint_every": checkpoint_every,
+                           "results_path": results_path, **options})
+        self._hparams_initial = copy.deepcopy(self._hparams)
+        given = {name: value for name, value in options.items() if value is not None and name != "method"}
+        self.config = method_config(options.get("method") or "dlmi", **given)  # unset: the method's defaults
+        self.given = given
         self.exact_match = ExactMatch()
         self.lcs = LCSRatio()
         self.optimisation_steps = 0
+        self._finished_rows: list[str] = []
         self._pending: dict | None = None  # an interrupted batch restored from a checkpoint
         self.__dict__["_batch"] = None  # not a submodule: its state travels in on_save_checkpoint
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
         # DLMI's optimisation forwards follow the trainer's precision; the baselines stay float32 as published.
-        if self.hparams.compute_dtype is None and self.config.method == "dlmi":
+        if "compute_dtype" not in self.given and self.config.method == "dlmi" and self.precision_dtype() != "float32":
             self.config = replace(self.config, compute_dtype=self.precision_dtype())
 
     def training_step(self, targets: list[OutputTarget], batch_idx: int) -> None:
@@ -130,6 +113,11 @@ class DlmiModule(InversionJob):
                 self.exact_match.update([result.output_ids], [result.target_ids])
                 self.lcs.update([result.output_ids], [result.target_ids])
                 self.targets_done += 1
+                self._finished_rows.append(f"| {name} | {result.prompt_text!r} | {result.output_text!r} | "
+                                           f"{result.lcs_ratio:.2f} | {'yes' if result.exact_match else 'no'} |")
+                # One table of every target finished so far: target, prompt, output, honest LCS, exact.
+                log_text(self, "dlmi/finished_targets", "| target | prompt | output | honest LCS | exact |\n"
+                         "|---|---|---|---|---|\n" + "\n".join(self._finished_rows), self.optimisation_steps)
                 print(f"[{name}] {'EXACT' if result.exact_match else 'partial'} lcs={result.lcs_ratio:.2f} "
                       f"soft_lcs={result.soft_lcs_ratio:.2f} steps={result.steps} {result.seconds:.1f}s "
                       f"prompt={result.prompt_text!r} -> {result.output_text!r}", flush=True)
@@ -173,3 +161,20 @@ class DlmiModule(InversionJob):
         super().on_load_checkpoint(checkpoint)
         self.optimisation_steps = int(checkpoint.get("optimisation_steps", 0))
         self._pending = checkpoint.get("dlmi_batch")
+
+
+CONFIG_FIELDS = {f.name: f for f in fields(BaselineConfig)}
+
+
+def _config_signature() -> inspect.Signature:
+    """DlmiModule's signature: its own arguments, then every BaselineConfig field as `X | None = None`
+    (the CLI parser reads this, so each field is a `--model.X` option)."""
+    hints = typing.get_type_hints(BaselineConfig)
+    own = list(inspect.signature(DlmiModule.__init__).parameters.values())[:-1]  # drop **options
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                               annotation=hints[name] | None)
+             for name in CONFIG_FIELDS]
+    return inspect.Signature(own + extra)
+
+
+DlmiModule.__init__.__signature__ = _config_signature()
