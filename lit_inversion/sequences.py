@@ -92,3 +92,13 @@ class ListDataset(IterableDataset):
 
     def __iter__(self):
         return iter(self.items)
+
+
+def apply_limit(items: list, limit: int | None, loud: bool = True) -> list:
+    """The first `limit` items; says so in one line when that cuts any (a file is never cut silently)."""
+    if limit is None or limit >= len(items):
+        return items
+    if loud:
+        print(f"lit-inversion: using the first {limit} of {len(items)} targets "
+              f"(--data.limit {limit}; --data.limit null for all)", flush=True)
+    return items[:limit]

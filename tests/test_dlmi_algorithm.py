@@ -285,12 +285,23 @@ def test_state_dict_resumes_exactly(tiny):
     assert int(second.steps[0]) == 6
 
 
-@pytest.mark.parametrize("overrides", [dict(relaxation="straight_through"), dict(teacher_forcing=False),
-                                       dict(temperature="shared"), dict(compute_dtype="bfloat16"),
+@pytest.mark.parametrize("overrides", [dict(teacher_forcing=False), dict(temperature="shared"),
+                                       dict(compute_dtype="bfloat16")])
+def test_variants_lower_their_loss(tiny, overrides):
+    """Each relaxed variant optimises: its loss falls from the random start (seeded noise)."""
+    batch = DlmiBatch(tiny, [[5, 6, 7]], DlmiConfig(**{**FAST, **overrides, "num_steps": 40, "check_every": 100}))
+    losses = [float(batch.step().loss[0]) for _ in range(40)]
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
+
+
+@pytest.mark.parametrize("overrides", [dict(relaxation="straight_through"),
                                        dict(anneal_from=0.5, straight_through_from=0.5)])
-def test_variants_run(tiny, overrides):
+def test_straight_through_variants_report_an_honest_result(tiny, overrides):
+    # The hard-sample loss is too noisy to fall reliably in a few steps; what must hold is the honest check.
     (result,) = invert_outputs(tiny, [[5, 6, 7]], DlmiConfig(**{**FAST, **overrides}))
-    assert result.steps == FAST["num_steps"] or result.exact_match
+    decoded = greedy_decode(tiny.model, torch.tensor([[BOS] + result.prompt_ids]), 3)[0].tolist()
+    assert result.output_ids == decoded and result.exact_match == (decoded == [5, 6, 7])
+    assert result.lcs_ratio == pytest.approx(lcs_ratio(decoded, [5, 6, 7]))
 
 
 def test_paper_config_turns_improvements_off():

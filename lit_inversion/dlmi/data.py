@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from lit_inversion.errors import InversionError
 from lit_inversion.models import LoadedModel
 from lit_inversion.distributed import shard
-from lit_inversion.sequences import ListDataset, read_sequences
+from lit_inversion.sequences import ListDataset, apply_limit, read_sequences
 
 
 @dataclass
@@ -46,6 +46,8 @@ class OutputTargetsDataModule(L.LightningDataModule):
             raise InversionError("no targets: set --data.targets_file or --data.difficulty_k (e.g. [1, 6, 11])")
         if batch_size < 1:
             raise InversionError(f"batch_size must be at least 1 (got {batch_size})")
+        if limit is not None and limit < 1:
+            raise InversionError(f"--data.limit must be at least 1, or null for all targets (got {limit})")
         self.batches: list[list[OutputTarget] | None] = []
 
     def build_targets(self, loaded: LoadedModel) -> list[OutputTarget]:
@@ -59,10 +61,13 @@ class OutputTargetsDataModule(L.LightningDataModule):
 
             made = make_difficulty_targets(loaded, ks=h.difficulty_k, per_k=h.per_k, length=h.target_length, seed=h.difficulty_seed)
             targets += [OutputTarget(str(t["id"]), list(t["ids"])) for t in made]
-        return targets[: h.limit] if h.limit else targets
+        return apply_limit(targets, h.limit, loud=self.trainer is None or self.trainer.is_global_zero)
 
     def setup(self, stage: str) -> None:
-        targets = self.build_targets(self.trainer.lightning_module.load())
+        module = self.trainer.lightning_module
+        targets = self.build_targets(module.load())
+        done = module.finished_ids()
+        module.announce_targets(len(targets), sum(t.id not in done for t in targets))
         batch = self.hparams.batch_size
         # Whole batches go to each process, so a batch never straddles two ranks.
         batches = [targets[i:i + batch] for i in range(0, len(targets), batch)]

@@ -18,12 +18,14 @@ from dataclasses import fields, replace
 
 from lit_inversion.dlmi.algorithm import DlmiBatch, DlmiResult
 from lit_inversion.dlmi.baselines import LABELS, BaselineConfig, make_batch, method_config
+from lit_inversion.console import inner_progress
 from lit_inversion.dlmi.data import OutputTarget
 from lit_inversion.errors import InversionError
 from lit_inversion.job import InversionJob
 from lit_inversion.metrics import ExactMatch, LCSRatio
 from lit_inversion.models import DEFAULT_MODEL
-from lit_inversion.tracking import log_scalars, log_text
+from lit_inversion.tokens import decode
+from lit_inversion.tracking import log_scalars, log_text, markdown_table
 
 
 def dlmi_record(target_id: str, result: DlmiResult) -> dict:
@@ -42,6 +44,8 @@ class DlmiModule(InversionJob):
     take the method's preset (`method_config`).
     """
 
+    progress_unit = "target batches"
+
     def __init__(self, model_name_or_path: str = DEFAULT_MODEL, checkpoint_every: int = 32,
                  results_path: str = "results/dlmi.jsonl", **options):
         super().__init__(model_name_or_path, results_path)
@@ -59,7 +63,7 @@ class DlmiModule(InversionJob):
         self.exact_match = ExactMatch()
         self.lcs = LCSRatio()
         self.optimisation_steps = 0
-        self._finished_rows: list[str] = []
+        self._finished_rows: list[list[str]] = []
         self._pending: dict | None = None  # an interrupted batch restored from a checkpoint
         self.__dict__["_batch"] = None  # not a submodule: its state travels in on_save_checkpoint
 
@@ -82,24 +86,31 @@ class DlmiModule(InversionJob):
             batch.batch_ids = ids
         self.__dict__["_batch"] = batch
         c = self.config
-        while not batch.finished:
-            stats = batch.step()
-            self.optimisation_steps += 1
-            running = ~batch.done
-            log_scalars(self, {"dlmi/loss": float(stats.loss[stats.loss == stats.loss].mean()),
-                               "dlmi/mean_tau": float(stats.tau[running].mean()) if running.any() else 0.0,
-                               "dlmi/soft_lcs": float(stats.soft_lcs.mean())}, self.optimisation_steps)
-            steps = int(batch.steps.max())
-            if steps % c.check_every == 0 or steps >= c.num_steps:
-                results = batch.check()
-                log_scalars(self, {"dlmi/honest_lcs": sum(r.lcs_ratio for r in results) / len(results),
-                                   "dlmi/exact_match_rate": sum(r.exact_match for r in results) / len(results)},
-                            self.optimisation_steps)
-                log_text(self, "dlmi/prompt", results[0].prompt_text, self.optimisation_steps)
-                log_text(self, "dlmi/output", results[0].output_text, self.optimisation_steps)
-                self._write_finished(batch)
-            if steps % self.hparams.checkpoint_every == 0:
-                self.save_last_checkpoint()
+        # One Lightning step runs a batch to the end, so the steps inside it get an inner bar.
+        bar = inner_progress(self, c.num_steps, f"{', '.join(batch.target_names)} steps")
+        bar.update(int(batch.steps.max()))
+        try:
+            while not batch.finished:
+                stats = batch.step()
+                bar.update(1)
+                self.optimisation_steps += 1
+                running = ~batch.done
+                log_scalars(self, {"dlmi/loss": float(stats.loss[stats.loss == stats.loss].mean()),
+                                   "dlmi/mean_tau": float(stats.tau[running].mean()) if running.any() else 0.0,
+                                   "dlmi/soft_lcs": float(stats.soft_lcs.mean())}, self.optimisation_steps)
+                steps = int(batch.steps.max())
+                if steps % c.check_every == 0 or steps >= c.num_steps:
+                    results = batch.check()
+                    honest = [r.lcs_ratio for r in results]
+                    bar.set_postfix(honest_lcs=f"{max(honest):.2f}", exact=sum(r.exact_match for r in results))
+                    log_scalars(self, {"dlmi/honest_lcs": sum(honest) / len(results),
+                                       "dlmi/exact_match_rate": sum(r.exact_match for r in results) / len(results)},
+                                self.optimisation_steps)
+                    self._write_finished(batch)
+                if steps % self.hparams.checkpoint_every == 0:
+                    self.save_last_checkpoint()
+        finally:
+            bar.close()
         self._write_finished(batch)
         self.__dict__["_batch"] = None
 
@@ -113,11 +124,15 @@ class DlmiModule(InversionJob):
                 self.exact_match.update([result.output_ids], [result.target_ids])
                 self.lcs.update([result.output_ids], [result.target_ids])
                 self.targets_done += 1
-                self._finished_rows.append(f"| {name} | {result.prompt_text!r} | {result.output_text!r} | "
-                                           f"{result.lcs_ratio:.2f} | {'yes' if result.exact_match else 'no'} |")
-                # One table of every target finished so far: target, prompt, output, honest LCS, exact.
-                log_text(self, "dlmi/finished_targets", "| target | prompt | output | honest LCS | exact |\n"
-                         "|---|---|---|---|---|\n" + "\n".join(self._finished_rows), self.optimisation_steps)
+                self._finished_rows.append([name, decode(self.load().tokenizer, result.target_ids), result.prompt_text,
+                                            result.output_text, f"{result.lcs_ratio:.2f}",
+                                            "yes" if result.exact_match else "no"])
+                log_scalars(self, {"dlmi/finished_honest_lcs": self.lcs.local_mean(),
+                                   "dlmi/finished_exact_match_rate": self.exact_match.local_mean()}, self.targets_done)
+                # One table of every target finished so far.
+                log_text(self, "dlmi/finished_targets", markdown_table(
+                    ["target id", "target", "prompt", "output", "honest LCS", "exact"], self._finished_rows),
+                    self.optimisation_steps)
                 print(f"[{name}] {'EXACT' if result.exact_match else 'partial'} lcs={result.lcs_ratio:.2f} "
                       f"soft_lcs={result.soft_lcs_ratio:.2f} steps={result.steps} {result.seconds:.1f}s "
                       f"prompt={result.prompt_text!r} -> {result.output_text!r}", flush=True)
@@ -142,11 +157,10 @@ class DlmiModule(InversionJob):
         return (f"{label}: {len(records)} targets, exact match {exact}/{len(records)}, honest LCS {lcs:.2f} "
                 f"(paper-style soft LCS {soft:.2f})")
 
-    def on_train_epoch_end(self) -> None:
-        # compute() syncs across processes: every rank calls it, whatever its own count.
-        if self.trainer.world_size > 1 or int(self.lcs.count) > 0:
-            self.log("dlmi/epoch_lcs", self.lcs.compute())
-            self.log("dlmi/epoch_exact_match", self.exact_match.compute())
+    def run_settings(self) -> dict:
+        c = self.config
+        return {"model": self.hparams.model_name_or_path, "method": c.method, "prompt_length": c.prompt_length,
+                "num_steps": c.num_steps, "init": c.init}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

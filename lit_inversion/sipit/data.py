@@ -20,7 +20,7 @@ from lit_inversion.errors import InversionError
 from lit_inversion.models import LoadedModel
 from lit_inversion.states import LayerProbe
 from lit_inversion.distributed import shard
-from lit_inversion.sequences import ListDataset, read_sequences
+from lit_inversion.sequences import ListDataset, apply_limit, read_sequences
 from lit_inversion.tokens import context_prefix
 
 
@@ -211,11 +211,7 @@ class HiddenStatesDataModule(L.LightningDataModule):
                 ids = ids[: h.num_tokens] if h.num_tokens else ids
                 check_context(len(prefix) + len(ids), loaded, f"prompt {prompt_id}")
                 pending.append((prompt_id, None, ids))
-            if h.limit is not None and h.limit < len(pending):
-                if self.trainer is None or self.trainer.is_global_zero:
-                    print(f"lit-inversion: using the first {h.limit} of {len(pending)} targets "
-                          f"(--data.limit {h.limit}; --data.limit null for all)", flush=True)
-                pending = pending[: h.limit]
+            pending = apply_limit(pending, h.limit, loud=self.trainer is None or self.trainer.is_global_zero)
             return [StateTarget(target_id, probe.states(ids, prefix).cpu() if states is None else states, ids,
                                 probe.layer) for target_id, states, ids in pending]
         finally:
