@@ -19,6 +19,8 @@ from lit_inversion.models import LoadedModel
 from lit_inversion.states import LayerProbe
 from lit_inversion.distributed import shard
 from lit_inversion.sequences import ListDataset, read_sequences
+from lit_inversion.sipit.algorithm import capture_probe
+from lit_inversion.sipit.config import check_capture_dtype
 from lit_inversion.tokens import context_prefix
 
 
@@ -28,6 +30,7 @@ class StateTarget:
     states: torch.Tensor  # [T, d] float32
     true_ids: list[int] | None
     layer: int
+    capture_dtype: str = "float32"  # the dtype the model ran in when the states were computed
 
 
 def read_prompts(path: str | Path, tokenizer, vocab_size: int) -> list[tuple[str, list[int]]]:
@@ -118,9 +121,11 @@ class HiddenStatesDataModule(L.LightningDataModule):
         limit: int | None = None,
         random_seed: int = 0,
         prepend_bos: bool = True,
+        capture_dtype: str = "float32",
     ):
         super().__init__()
         self.save_hyperparameters()
+        check_capture_dtype(capture_dtype)
         if prompts_file is None and states_file is None and num_random <= 0:
             raise InversionError("no targets: set --data.prompts_file, --data.states_file or --data.num_random")
         self.targets: list[StateTarget] = []
@@ -133,17 +138,22 @@ class HiddenStatesDataModule(L.LightningDataModule):
             if h.states_file is not None:
                 for i, states in enumerate(read_states(h.states_file, loaded.hidden_size)):
                     states = states[: h.num_tokens] if h.num_tokens else states
-                    targets.append(StateTarget(f"{Path(h.states_file).stem}-{i}", states, None, probe.layer))
+                    targets.append(StateTarget(f"{Path(h.states_file).stem}-{i}", states, None, probe.layer,
+                                               h.capture_dtype))
             prompts = []
             if h.prompts_file is not None:
                 prompts += read_prompts(h.prompts_file, loaded.tokenizer, loaded.vocab_size)
             if h.num_random > 0:
                 prompts += random_prompts(h.num_random, h.random_length, loaded.vocab_size, h.random_seed)
             prefix = context_prefix(loaded.bos_id, h.prepend_bos)
+            # Prompts' states are computed as a stack serving in capture_dtype would (the model cast to it).
+            capture = capture_probe(probe, h.capture_dtype) if prompts and h.capture_dtype != "float32" else probe
             for prompt_id, ids in prompts:
                 ids = ids[: h.num_tokens] if h.num_tokens else ids
                 check_context(len(prefix) + len(ids), loaded, f"prompt {prompt_id}")
-                targets.append(StateTarget(prompt_id, probe.states(ids, prefix).cpu(), ids, probe.layer))
+                targets.append(StateTarget(prompt_id, capture.states(ids, prefix).cpu(), ids, probe.layer, h.capture_dtype))
+            if capture is not probe:
+                capture.close()
         finally:
             probe.close()
         return targets[: h.limit] if h.limit else targets

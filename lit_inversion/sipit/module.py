@@ -14,10 +14,10 @@ from lit_inversion.errors import InversionError
 from lit_inversion.metrics import ExactMatch, TokenAccuracy
 from lit_inversion.job import InversionJob
 from lit_inversion.models import DEFAULT_MODEL
-from lit_inversion.sipit.algorithm import SipItConfig, SipItResult, invert
+from lit_inversion.sipit.algorithm import SipItConfig, SipItResult, capture_probe, invert
 from lit_inversion.sipit.data import StateTarget
 from lit_inversion.sipit.pez import PezConfig, invert_pez
-from lit_inversion.sipit.policies import TokenIndex
+from lit_inversion.sipit.index import TokenIndex
 from lit_inversion.sipit.table import first_position_table
 from lit_inversion.states import LayerProbe
 from lit_inversion.tokens import context_prefix, decode
@@ -39,6 +39,7 @@ def sipit_record(target_id: str, result: SipItResult, tokenizer, layer: int) -> 
         "candidates_tested": result.candidates_tested,
         "max_distance": result.max_distance,
         "verified": result.verified,
+        "certified": result.certified,
         "confidence": result.confidence,
         "layer": layer,
     }
@@ -65,9 +66,16 @@ class SipItModule(InversionJob):
         snap_every: int = 50,
         chain_dtype: str | None = None,
         screen_dtype: str = "float32",
+        screen_slack: float = 0.25,
         surrogate_rank: int = 128,
         surrogate_locality: float = 1.0,
         use_table: bool = True,
+        lm_prior: bool = True,
+        prior_share: float = 0.25,
+        prior_mass: float = 0.999,
+        capture_rtol: float | None = None,
+        margin: float = 0.5,
+        verify_in: str = "capture",
         prepend_bos: bool = True,
         seed: int = 0,
         method: str = "sipit",
@@ -89,6 +97,7 @@ class SipItModule(InversionJob):
         self.exact_match = ExactMatch()
         self.token_accuracy = TokenAccuracy()
         self._probes: dict[int, LayerProbe] = {}
+        self._capture_probes: dict[tuple[int, str], LayerProbe] = {}  # verifiers for low-precision captures
         self._indexes: dict[int, TokenIndex] = {}
 
     def probe(self, layer: int) -> LayerProbe:
@@ -111,8 +120,12 @@ class SipItModule(InversionJob):
             if target.layer not in self._indexes:  # the policies' index of the layer's table, built once
                 table = first_position_table(probe, self.prefix()) if self.config.use_table else None
                 self._indexes[target.layer] = TokenIndex(probe.embedding.weight, table)
+            dtype = target.capture_dtype
+            if dtype != "float32" and self.config.verify_in == "capture" and (target.layer, dtype) not in self._capture_probes:
+                self._capture_probes[(target.layer, dtype)] = capture_probe(probe, dtype)
             result = invert(probe, target.states.to(probe.device), self.prefix(), self.config,
-                            true_ids=target.true_ids, table=self._indexes[target.layer])
+                            true_ids=target.true_ids, table=self._indexes[target.layer], capture_dtype=dtype,
+                            verifier_probe=self._capture_probes.get((target.layer, dtype)))
         record = sipit_record(target.id, result, self.load().tokenizer, target.layer)
         self.writer.write(record)
         self.targets_done += 1
@@ -160,6 +173,7 @@ class SipItModule(InversionJob):
             self.config = replace(self.config, chain_dtype="auto" if dtype == "float32" else dtype)
 
     def teardown(self, stage: str) -> None:
-        for probe in self._probes.values():
+        for probe in [*self._probes.values(), *self._capture_probes.values()]:
             probe.close()
         self._probes.clear()
+        self._capture_probes.clear()
