@@ -34,7 +34,7 @@ from lit_inversion.sipit.data import random_prompts, read_prompts
 from lit_inversion.sipit.pez import PezConfig, invert_pez
 from lit_inversion.sipit.index import TokenIndex
 from lit_inversion.sipit.table import first_position_table
-from lit_inversion.states import LayerProbe, expand_cache, find_blocks, resolve_dtype
+from lit_inversion.states import LayerProbe, expand_cache, find_blocks, full_forward, resolve_dtype
 from lit_inversion.tokens import context_prefix
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,26 +127,27 @@ def reference_position(loaded, layer: int, context: list[int], target: torch.Ten
     e = weight[int(torch.randint(0, vocab, (1,), generator=generator))].detach().clone()
     start, steps, found = time.perf_counter(), 0, False
     try:
-        while time.perf_counter() - start < max_seconds and not bool(tested.all()):
-            e.requires_grad_(True)
-            captured.clear()
-            model(inputs_embeds=torch.cat([context_embeds, e[None]])[None])  # logits computed, as in the reference
-            loss = ((captured[-1][0, -1].float() - target) ** 2).mean()
-            (grad,) = torch.autograd.grad(loss, e)
-            with torch.no_grad():
-                e = (e - grad / max(1.0, float(grad.norm()))).detach()
-                distance = ((weight - e) ** 2).sum(-1)
-                if steps and steps % 50 == 0:
-                    e = weight[int(distance.argmin())].detach().clone()
-                distance[tested] = torch.inf
-                token = int(distance.argmin())
+        with full_forward(model):  # past the hook of any probe on the same model
+            while time.perf_counter() - start < max_seconds and not bool(tested.all()):
+                e.requires_grad_(True)
                 captured.clear()
-                model(torch.tensor([context + [token]]))
-                tested[token] = True
-                steps += 1
-                if float((captured[-1][0, -1].float() - target).norm()) <= tolerance:
-                    found = True
-                    break
+                model(inputs_embeds=torch.cat([context_embeds, e[None]])[None])  # logits computed, as in the reference
+                loss = ((captured[-1][0, -1].float() - target) ** 2).mean()
+                (grad,) = torch.autograd.grad(loss, e)
+                with torch.no_grad():
+                    e = (e - grad / max(1.0, float(grad.norm()))).detach()
+                    distance = ((weight - e) ** 2).sum(-1)
+                    if steps and steps % 50 == 0:
+                        e = weight[int(distance.argmin())].detach().clone()
+                    distance[tested] = torch.inf
+                    token = int(distance.argmin())
+                    captured.clear()
+                    model(torch.tensor([context + [token]]))
+                    tested[token] = True
+                    steps += 1
+                    if float((captured[-1][0, -1].float() - target).norm()) <= tolerance:
+                        found = True
+                        break
     finally:
         hook.remove()
     return dict(found=found, seconds=time.perf_counter() - start, candidates=steps)

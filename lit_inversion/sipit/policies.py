@@ -69,7 +69,7 @@ class GradientPolicy(Policy):
         # The prior costs one full-model forward; in the first quarter of the model the table's first
         # batch nearly always hits (and costs less), so there the prior waits for a miss.
         self.prior_wait = 0 if 4 * search.probe.layer >= search.probe.loaded.num_layers else 1
-        self.prior_asked = not self.config.lm_prior or self.table_is_exact
+        self.prior_asked = not self.config.lm_prior or (self.table_is_exact and self.table_order is not None)
 
     def _prior_order(self, search) -> torch.Tensor | None:
         if not self.prior_asked and self.batches >= self.prior_wait:
