@@ -3,7 +3,8 @@
 * `random`: brute force, a seeded random permutation of the vocabulary.
 * `gradient`: the guided policy, which merges several rankings into each batch:
   - the LM prior: the model's own next-token distribution given the recovered prefix, best first
-    (half of the first batch at a position, `prior_share` of later ones, within its `prior_mass` nucleus);
+    (half of the first batch at a position, `prior_share` of later ones, within its `prior_mass` nucleus;
+    in the first quarter of the model it joins only after the table's first batch missed);
   - the first-position table: the state of every token right after the fixed prefix. At the first
     position it is exact, so that position is a lookup; later, its best cosine matches fill the rest
     of the first batch (context shifts norms more than directions);
