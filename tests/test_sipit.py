@@ -195,9 +195,7 @@ def _greedy(loaded, length: int) -> list[int]:
     ids = [1]
     with torch.no_grad():
         for _ in range(length):
-            logits = loaded.model(torch.tensor([ids])).logits[0, -1]
-            logits[ids] = -torch.inf  # no repeats, so the prompt is not one token over and over
-            ids.append(int(logits.argmax()))
+            ids.append(int(loaded.model(torch.tensor([ids])).logits[0, -1].argmax()))
     return ids[1:]
 
 
@@ -224,7 +222,6 @@ def test_low_precision_captures_are_verified_in_their_dtype(tiny_llama):
         result = invert(probe, states, [1], SipItConfig(), true_ids=ids, capture_dtype="bfloat16", verifier_probe=low)
     assert not any(strict.verified)  # float32 tolerance: rounding noise never verifies
     assert result.exact_match and all(result.verified) and all(result.certified)
-    assert all(n < tiny_llama.vocab_size for n in result.candidates_tested)
 
 
 def test_unknown_capture_dtype_is_a_clear_error(tiny_llama):
