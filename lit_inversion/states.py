@@ -13,8 +13,9 @@ is applied here, as the model applies it to looked-up ids but not to embeddings 
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -37,6 +38,19 @@ def find_blocks(model: nn.Module, num_layers: int) -> nn.ModuleList:
             "lit-inversion needs a decoder whose blocks sit in one nn.ModuleList"
         )
     return candidates[0]
+
+
+_FULL_RUNS: set[int] = set()  # ids of models that run past every probe's hook (see full_forward)
+
+
+@contextlib.contextmanager
+def full_forward(model: nn.Module) -> Iterator[None]:
+    """Run `model` through all its blocks and head although probes are attached (e.g. for its logits)."""
+    _FULL_RUNS.add(id(model))
+    try:
+        yield
+    finally:
+        _FULL_RUNS.discard(id(model))
 
 
 class LayerProbe:
@@ -66,13 +80,15 @@ class LayerProbe:
             self._hook = blocks[self.layer - 1].register_forward_hook(self._capture_output)
 
     # Hooks -----------------------------------------------------------------------------------
-    @staticmethod
-    def _capture_input(module, args, kwargs):
+    def _capture_input(self, module, args, kwargs):
+        if id(self.model) in _FULL_RUNS:
+            return None
         state = args[0] if args else kwargs["hidden_states"]
         raise _Captured(state)
 
-    @staticmethod
-    def _capture_output(module, args, output):
+    def _capture_output(self, module, args, output):
+        if id(self.model) in _FULL_RUNS:
+            return None
         raise _Captured(output[0] if isinstance(output, tuple) else output)
 
     def close(self) -> None:

@@ -165,3 +165,67 @@ def test_verified_rows_survive_buffer_growth():
         rows.append(batch)
     assert len(rows) == 1005
     assert torch.equal(rows.all(), torch.cat(batches))
+
+
+def test_policies_and_verifier_do_not_import_the_loop():
+    import ast
+    from pathlib import Path
+
+    import lit_inversion.sipit as package
+
+    for name in ("policies", "search", "config", "index", "prior"):
+        tree = ast.parse((Path(package.__file__).parent / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert "lit_inversion.sipit.algorithm" not in imported, f"{name}.py imports the loop"
+        assert name == "policies" or "lit_inversion.sipit.policies" not in imported, f"{name}.py imports the policies"
+
+
+def test_every_config_field_is_a_module_option():
+    import inspect
+    from dataclasses import fields
+
+    from lit_inversion.sipit import SipItModule
+
+    options = inspect.signature(SipItModule.__init__).parameters
+    assert {f.name for f in fields(SipItConfig)} <= set(options)
+
+
+def _greedy(loaded, length: int) -> list[int]:
+    """A prompt the model itself would write after BOS (so the LM prior ranks each true token first)."""
+    ids = [1]
+    with torch.no_grad():
+        for _ in range(length):
+            ids.append(int(loaded.model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[1:]
+
+
+def test_lm_prior_proposes_the_models_own_guesses_first(tiny_llama):
+    ids = _greedy(tiny_llama, 8)
+    with LayerProbe(tiny_llama, 4) as probe:
+        states = probe.states(ids, [1])
+        config = SipItConfig(batch_size=2, max_batch_size=2, use_table=False, surrogate_rank=0)
+        with_prior = invert(probe, states, [1], config, true_ids=ids)
+        without = invert(probe, states, [1], SipItConfig(**{**config.__dict__, "lm_prior": False}), true_ids=ids)
+    assert with_prior.exact_match and without.exact_match
+    assert with_prior.candidates_tested == [2] * len(ids)  # the top guess is in every first batch
+    assert sum(without.candidates_tested) > sum(with_prior.candidates_tested)
+
+
+def test_low_precision_captures_are_verified_in_their_dtype(tiny_llama):
+    from lit_inversion.sipit.algorithm import capture_probe
+
+    ids = _prompt(tiny_llama.vocab_size, 8, seed=19)
+    with LayerProbe(tiny_llama, 4) as probe, capture_probe(probe, "bfloat16") as low:
+        states = low.states(ids, [1])  # one full-sequence forward of the model cast to bf16
+        assert float((states - probe.states(ids, [1])).norm()) > 0
+        strict = invert(probe, states, [1], SipItConfig(max_candidates=32), true_ids=ids)
+        result = invert(probe, states, [1], SipItConfig(), true_ids=ids, capture_dtype="bfloat16", verifier_probe=low)
+    assert not any(strict.verified)  # float32 tolerance: rounding noise never verifies
+    assert result.exact_match and all(result.verified) and all(result.certified)
+
+
+def test_unknown_capture_dtype_is_a_clear_error(tiny_llama):
+    from lit_inversion.errors import InversionError
+
+    with pytest.raises(InversionError, match="capture_dtype 'int8' is unknown"):
+        invert_hidden_states(torch.zeros(2, 32), model=tiny_llama, layer=2, capture_dtype="int8")

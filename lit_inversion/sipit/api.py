@@ -10,8 +10,9 @@ import torch
 from lit_inversion.errors import InversionError
 from lit_inversion.models import DEFAULT_MODEL, LoadedModel, load_model
 from lit_inversion.sipit.algorithm import SipItConfig, SipItResult, invert
+from lit_inversion.sipit.config import check_capture_dtype
 from lit_inversion.sipit.pez import PezConfig, invert_pez
-from lit_inversion.sipit.policies import TokenIndex
+from lit_inversion.sipit.index import TokenIndex
 from lit_inversion.sipit.table import first_position_table
 from lit_inversion.states import LayerProbe
 from lit_inversion.tokens import context_prefix, decode
@@ -24,6 +25,7 @@ def invert_hidden_states(
     prepend_bos: bool = True,
     true_ids: list[int] | None = None,
     method: str = "sipit",
+    capture_dtype: str = "float32",
     **config,
 ) -> SipItResult:
     """Recover the prompt whose hidden states at `layer` are `states` ([T, d]).
@@ -33,9 +35,12 @@ def invert_hidden_states(
     arguments set `SipItConfig` fields (policy, batch_size, rtol, ...). The result carries
     `recovered_ids`, `recovered_text`, per-position distances, flags and candidate counts.
     `method="pez"` runs the HardPrompts baseline instead; its options are `PezConfig` fields.
+    `capture_dtype` (float32, bfloat16, float16) is the dtype the model ran in when `states` were
+    computed: low-precision captures are verified in that dtype, with a calibrated tolerance and margin.
     """
     if method not in ("sipit", "pez"):
         raise InversionError(f"method must be sipit or pez (got {method!r})")
+    check_capture_dtype(capture_dtype)
     options = SipItConfig if method == "sipit" else PezConfig
     unknown = set(config) - {f.name for f in fields(options)}
     if unknown:
@@ -58,7 +63,8 @@ def invert_hidden_states(
             result = invert_pez(probe, states, prefix, cfg, true_ids=true_ids)
         else:
             index = _token_index(probe, prefix, cfg.use_table)
-            result = invert(probe, states.float().to(probe.device), prefix, cfg, true_ids=true_ids, table=index)
+            result = invert(probe, states.float().to(probe.device), prefix, cfg, true_ids=true_ids, table=index,
+                            capture_dtype=capture_dtype)
     result.recovered_text = decode(loaded.tokenizer, result.recovered_ids)
     return result
 

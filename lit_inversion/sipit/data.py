@@ -21,6 +21,8 @@ from lit_inversion.models import LoadedModel
 from lit_inversion.states import LayerProbe
 from lit_inversion.distributed import shard
 from lit_inversion.sequences import ListDataset, apply_limit, read_sequences
+from lit_inversion.sipit.algorithm import capture_probe
+from lit_inversion.sipit.config import check_capture_dtype
 from lit_inversion.tokens import context_prefix
 
 
@@ -30,6 +32,7 @@ class StateTarget:
     states: torch.Tensor  # [T, d] float32
     true_ids: list[int] | None
     layer: int
+    capture_dtype: str = "float32"  # the dtype the model ran in when the states were computed
 
 
 def read_prompts(path: str | Path, tokenizer, vocab_size: int) -> list[tuple[str, list[int]]]:
@@ -182,9 +185,11 @@ class HiddenStatesDataModule(L.LightningDataModule):
         num_tokens: int | None = None,
         limit: int | None = None,
         random_seed: int = 0,
+        capture_dtype: str = "float32",
     ):
         super().__init__()
         self.save_hyperparameters()
+        check_capture_dtype(capture_dtype)
         if prompts_file is None and states_file is None and num_random <= 0:
             raise InversionError("no targets: set --data.prompts_file, --data.states_file or --data.num_random")
         if limit is not None and limit < 1:
@@ -212,8 +217,15 @@ class HiddenStatesDataModule(L.LightningDataModule):
                 check_context(len(prefix) + len(ids), loaded, f"prompt {prompt_id}")
                 pending.append((prompt_id, None, ids))
             pending = apply_limit(pending, h.limit, loud=self.trainer is None or self.trainer.is_global_zero)
-            return [StateTarget(target_id, probe.states(ids, prefix).cpu() if states is None else states, ids,
-                                probe.layer) for target_id, states, ids in pending]
+            # Prompts' states are computed as a stack serving in capture_dtype would (the model cast to it).
+            computes = any(states is None for _, states, _ in pending) and h.capture_dtype != "float32"
+            capture = capture_probe(probe, h.capture_dtype) if computes else probe
+            try:
+                return [StateTarget(target_id, capture.states(ids, prefix).cpu() if states is None else states, ids,
+                                    probe.layer, h.capture_dtype) for target_id, states, ids in pending]
+            finally:
+                if capture is not probe:
+                    capture.close()
         finally:
             probe.close()
 

@@ -15,10 +15,10 @@ from lit_inversion.errors import InversionError
 from lit_inversion.metrics import ExactMatch, TokenAccuracy
 from lit_inversion.job import InversionJob
 from lit_inversion.models import DEFAULT_MODEL
-from lit_inversion.sipit.algorithm import SipItConfig, SipItResult, invert
+from lit_inversion.sipit.algorithm import SipItConfig, SipItResult, capture_probe, invert
 from lit_inversion.sipit.data import StateTarget
 from lit_inversion.sipit.pez import PezConfig, invert_pez
-from lit_inversion.sipit.policies import TokenIndex
+from lit_inversion.sipit.index import TokenIndex
 from lit_inversion.sipit.table import first_position_table
 from lit_inversion.states import LayerProbe
 from lit_inversion.tokens import context_prefix, decode
@@ -40,6 +40,7 @@ def sipit_record(target_id: str, result: SipItResult, tokenizer, layer: int) -> 
         "candidates_tested": result.candidates_tested,
         "max_distance": result.max_distance,
         "verified": result.verified,
+        "certified": result.certified,
         "confidence": result.confidence,
         "layer": layer,
     }
@@ -68,9 +69,16 @@ class SipItModule(InversionJob):
         snap_every: int = 50,
         chain_dtype: str | None = None,
         screen_dtype: str = "float32",
+        screen_slack: float = 0.25,
         surrogate_rank: int = 128,
         surrogate_locality: float = 1.0,
         use_table: bool = True,
+        lm_prior: bool = True,
+        prior_share: float = 0.25,
+        prior_mass: float = 0.999,
+        capture_rtol: float | None = None,
+        margin: float = 0.5,
+        verify_in: str = "capture",
         prepend_bos: bool = True,
         seed: int = 0,
         method: str = "sipit",
@@ -92,6 +100,7 @@ class SipItModule(InversionJob):
         self.exact_match = ExactMatch()
         self.token_accuracy = TokenAccuracy()
         self._probes: dict[int, LayerProbe] = {}
+        self._capture_probes: dict[tuple[int, str], LayerProbe] = {}  # verifiers for low-precision captures
         self._indexes: dict[int, TokenIndex] = {}
         self._target_rows: list[list[str]] = []  # TensorBoard's table of every target so far
         self.positions_done = 0
@@ -116,6 +125,9 @@ class SipItModule(InversionJob):
             if target.layer not in self._indexes:  # the policies' index of the layer's table, built once
                 table = first_position_table(probe, self.prefix()) if self.config.use_table else None
                 self._indexes[target.layer] = TokenIndex(probe.embedding.weight, table)
+            dtype = target.capture_dtype
+            if dtype != "float32" and self.config.verify_in == "capture" and (target.layer, dtype) not in self._capture_probes:
+                self._capture_probes[(target.layer, dtype)] = capture_probe(probe, dtype)
             bar = inner_progress(self, len(target.states), f"{target.id} positions")
 
             def on_position(t: int, token: int, tested: int) -> None:
@@ -126,7 +138,8 @@ class SipItModule(InversionJob):
 
             try:
                 result = invert(probe, target.states.to(probe.device), self.prefix(), self.config,
-                                true_ids=target.true_ids, table=self._indexes[target.layer], on_position=on_position)
+                                true_ids=target.true_ids, table=self._indexes[target.layer], capture_dtype=dtype,
+                                verifier_probe=self._capture_probes.get((target.layer, dtype)), on_position=on_position)
             finally:
                 bar.close()
         record = sipit_record(target.id, result, self.load().tokenizer, target.layer)
@@ -183,8 +196,9 @@ class SipItModule(InversionJob):
 
     def run_settings(self) -> dict:
         h = self.hparams
-        settings = {"model": h.model_name_or_path, "method": h.method, "layer": self.trainer.datamodule.hparams.layer,
-                    "prepend_bos": h.prepend_bos}
+        data = self.trainer.datamodule.hparams
+        settings = {"model": h.model_name_or_path, "method": h.method, "layer": data.layer,
+                    "prepend_bos": h.prepend_bos, "capture_dtype": data.get("capture_dtype", "float32")}
         if h.method == "pez":
             settings["num_steps"] = h.num_steps
         else:
@@ -198,6 +212,7 @@ class SipItModule(InversionJob):
             self.config = replace(self.config, chain_dtype="auto" if dtype == "float32" else dtype)
 
     def teardown(self, stage: str) -> None:
-        for probe in self._probes.values():
+        for probe in [*self._probes.values(), *self._capture_probes.values()]:
             probe.close()
         self._probes.clear()
+        self._capture_probes.clear()

@@ -1,76 +1,44 @@
 """Candidate policies for SIP-It. A policy only proposes; the verifier decides and keeps the book.
 
 * `random`: brute force, a seeded random permutation of the vocabulary.
-* `gradient`: the guided policy. Continuous embeddings ("chains") take SGD steps on the state
-  distance, as in the paper's Algorithm 3, and each step proposes the untested token nearest to each
-  chain. Beyond the paper: many chains step in one batched forward/backward, chains restart from the
-  best verified tokens, a cached table of every token's state after the fixed prefix ranks the
-  first batch (at the first position the table is exact, so that position becomes a lookup), and
-  every other batch comes from a surrogate: a ridge regression from token features to the states
-  verified so far at this position, which ranks the whole vocabulary at the cost of one small solve.
+* `gradient`: the guided policy, which merges several rankings into each batch:
+  - the LM prior: the model's own next-token distribution given the recovered prefix, best first
+    (half of the first batch at a position, `prior_share` of later ones, within its `prior_mass` nucleus;
+    in the first quarter of the model it joins only after the table's first batch missed);
+  - the first-position table: the state of every token right after the fixed prefix. At the first
+    position it is exact, so that position is a lookup; later, its best cosine matches fill the rest
+    of the first batch (context shifts norms more than directions);
+  - gradient chains: continuous embeddings take SGD steps on the state distance, as in the paper's
+    Algorithm 3, many in one batched forward/backward, and each step proposes the untested token
+    nearest each chain; chains restart from the best verified tokens;
+  - a surrogate, every other batch once the table is spent: a ridge regression from token features to
+    the states verified so far at this position, which ranks the whole vocabulary for one small solve.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from lit_inversion.states import check_finite, resolve_dtype
+from lit_inversion.sipit.config import SipItConfig
+from lit_inversion.sipit.index import TokenIndex
+from lit_inversion.sipit.search import PositionSearch
+from lit_inversion.states import resolve_dtype
 
-if TYPE_CHECKING:
-    from lit_inversion.sipit.algorithm import PositionSearch, SipItConfig
-
-
-class TokenIndex:
-    """Per-run precomputations the policies search over: embeddings and the first-position table."""
-
-    def __init__(self, embedding: torch.Tensor, table: torch.Tensor | None):
-        self.embedding = embedding.detach().float()
-        self.embedding_sq = self.embedding.pow(2).sum(-1)
-        self.table = None if table is None else table.float()
-        self.table_sq = None if table is None else self.table.pow(2).sum(-1)
-        self.table_unit = None if table is None else self.table / self.table.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-        self._features: dict[int, torch.Tensor] = {}
-
-    def features(self, rank: int) -> torch.Tensor:
-        """[V, rank] token features for the surrogate: the standardised table state and embedding, PCA-reduced."""
-        if rank not in self._features:
-            parts = [_standardise(self.embedding)]
-            if self.table is not None:
-                parts.append(_standardise(self.table))
-            x = torch.cat(parts, dim=1)
-            x = x - x.mean(0)
-            check_finite(x, "the surrogate's token features", "check the model's embeddings and table for overflow")
-            generator = torch.Generator().manual_seed(0)
-            sample = x[torch.randperm(x.shape[0], generator=generator)[:8192].to(x.device)]
-            basis = torch.linalg.svd(sample, full_matrices=False).Vh[:rank].T
-            self._features[rank] = x @ basis
-        return self._features[rank]
-
-    def table_order(self, target: torch.Tensor) -> torch.Tensor:
-        """All tokens by L2 distance of their table state to the target (exact at the first position)."""
-        return (self.table_sq - 2 * self.table @ target).argsort()
-
-    def table_cosine_top(self, target: torch.Tensor, k: int) -> torch.Tensor:
-        """The k tokens whose table state points most nearly the target's way (context shifts norms)."""
-        return (self.table_unit @ target).topk(min(k, self.table_unit.shape[0])).indices
+__all__ = ["Policy", "RandomPolicy", "GradientPolicy", "TokenIndex", "make_policy", "surrogate_proposals"]
 
 
 class Policy:
-    def reset(self, search: "PositionSearch") -> None:
+    needs_states = False  # whether the verifier must keep every verified state for this policy
+
+    def reset(self, search: PositionSearch) -> None:
         raise NotImplementedError
 
-    def propose(self, search: "PositionSearch", k: int) -> torch.Tensor:
+    def propose(self, search: PositionSearch, k: int) -> torch.Tensor:
         raise NotImplementedError
 
 
-def _standardise(x: torch.Tensor) -> torch.Tensor:
-    return (x - x.mean(0)) / x.std(0).clamp(min=1e-6)
-
-
-def _untested_in_order(order: torch.Tensor, tested: torch.Tensor, k: int) -> torch.Tensor:
-    return order[~tested[order]][:k]
+def _untested_in_order(order: torch.Tensor, taken: torch.Tensor, k: int) -> torch.Tensor:
+    return order[~taken[order]][:k]
 
 
 class RandomPolicy(Policy):
@@ -82,12 +50,14 @@ class RandomPolicy(Policy):
 
 
 class GradientPolicy(Policy):
-    def __init__(self, config: "SipItConfig"):
+    def __init__(self, config: SipItConfig):
         self.config = config
+        self.needs_states = config.surrogate_rank > 0
 
     def reset(self, search):
         self.steps = 0
         self.rounds = 0
+        self.batches = 0
         self.embeds: torch.Tensor | None = None
         self.table_order: torch.Tensor | None = None
         self.table_is_exact = search.position_is_first
@@ -96,6 +66,65 @@ class GradientPolicy(Policy):
                 self.table_order = search.index.table_order(search.target)
             else:
                 self.table_order = search.index.table_cosine_top(search.target, self.config.batch_size)
+        self.prior_order: torch.Tensor | None = None
+        # The prior costs one full-model forward; in the first quarter of the model the table's first
+        # batch nearly always hits (and costs less), so there the prior waits for a miss.
+        self.prior_wait = 0 if 4 * search.probe.layer >= search.probe.loaded.num_layers else 1
+        self.prior_asked = not self.config.lm_prior or (self.table_is_exact and self.table_order is not None)
+
+    def _prior_order(self, search) -> torch.Tensor | None:
+        if not self.prior_asked and self.batches >= self.prior_wait:
+            self.prior_asked = True
+            probs = search.prior()
+            if probs is not None:
+                probs, order = probs.sort(descending=True)
+                nucleus = int((probs.cumsum(0) < self.config.prior_mass).sum()) + 1
+                self.prior_order = order[:nucleus]
+        return self.prior_order
+
+    def propose(self, search, k):
+        if self.table_is_exact and self.table_order is not None:
+            return _untested_in_order(self.table_order, search.tested, k)
+        taken = search.tested.clone()  # tested, or already in this batch
+        share = 0.5 if self.batches <= self.prior_wait else self.config.prior_share
+        prior_order = self._prior_order(search)
+        self.batches += 1
+        parts = []
+        if prior_order is not None:
+            parts.append(_untested_in_order(prior_order, taken, round(k * share)))
+            taken[parts[-1]] = True
+        rest = k - sum(len(p) for p in parts)
+        if rest > 0:
+            parts.append(self._others(search, taken, rest))
+        return torch.cat(parts)
+
+    def _others(self, search, taken: torch.Tensor, k: int) -> torch.Tensor:
+        if self.table_order is not None:
+            ids = _untested_in_order(self.table_order, taken, k)
+            if ids.numel() > 0:
+                return ids
+            self.table_order = None
+        self.rounds += 1
+        if self.config.surrogate_rank and self.rounds % 2 == 0 and search.num_tested >= 16:
+            features = search.index.features(self.config.surrogate_rank)
+            return surrogate_proposals(search, features, k, locality=self.config.surrogate_locality, taken=taken)
+        self._step(search)
+        # Nearest untaken token to each chain, in L2.
+        dist = search.index.embedding_sq[:, None] - 2 * search.index.embedding @ self.embeds.T  # [V, K]
+        dist[taken] = torch.inf
+        per_chain = -(-k // self.embeds.shape[0])
+        nearest = dist.topk(min(per_chain + 2, dist.shape[0]), dim=0, largest=False).indices  # [n, K]
+        seen, out = set(), []
+        fresh = (~taken[nearest.flatten()]).tolist()
+        for i, is_fresh in zip(nearest.flatten().tolist(), fresh):
+            if is_fresh and i not in seen:
+                seen.add(i)
+                out.append(i)
+                if len(out) == k:
+                    break
+        if not out:  # everything near is taken: fall back to any untaken token
+            return _untested_in_order(torch.arange(search.vocab_size, device=taken.device), taken, k)
+        return torch.tensor(out, dtype=torch.long, device=taken.device)
 
     def _seed_chains(self, search) -> None:
         k = self.config.chains
@@ -119,41 +148,15 @@ class GradientPolicy(Policy):
         norms = grad.norm(dim=-1, keepdim=True).clamp(min=1.0)
         self.embeds = (embeds - self.config.learning_rate * grad / norms).detach()
 
-    def propose(self, search, k):
-        if self.table_order is not None:
-            ids = _untested_in_order(self.table_order, search.tested, k)
-            if self.table_is_exact or ids.numel() > 0:
-                return ids
-            self.table_order = None
-        self.rounds += 1
-        if self.config.surrogate_rank and self.rounds % 2 == 0 and search.num_tested >= 16:
-            features = search.index.features(self.config.surrogate_rank)
-            return surrogate_proposals(search, features, k, locality=self.config.surrogate_locality)
-        self._step(search)
-        # Nearest untested token to each chain, in L2.
-        dist = search.index.embedding_sq[:, None] - 2 * search.index.embedding @ self.embeds.T  # [V, K]
-        dist[search.tested] = torch.inf
-        per_chain = -(-k // self.embeds.shape[0])
-        nearest = dist.topk(min(per_chain + 2, dist.shape[0]), dim=0, largest=False).indices  # [n, K]
-        seen, out = set(), []
-        fresh = (~search.tested[nearest.flatten()]).tolist()
-        for i, is_fresh in zip(nearest.flatten().tolist(), fresh):
-            if is_fresh and i not in seen:
-                seen.add(i)
-                out.append(i)
-                if len(out) == k:
-                    break
-        if not out:  # everything near is tested: fall back to any untested token
-            return _untested_in_order(torch.arange(search.vocab_size, device=search.tested.device), search.tested, k)
-        return torch.tensor(out, dtype=torch.long, device=search.tested.device)
 
-
-def surrogate_proposals(search: "PositionSearch", features: torch.Tensor, k: int, locality: float = 1.0,
-                        ridge: float = 1.0) -> torch.Tensor:
-    """The k untested tokens whose state a ridge regression, fit on this position's verified states,
-    predicts nearest the target. The fit is free (no extra forward) and learns how this context moves
-    each token's state; the gradient chains explore where it is wrong. Verified tokens near the target
-    weigh more (exp(-locality * (d / median d)^2)): the fit only has to be right near the answer."""
+def surrogate_proposals(search: PositionSearch, features: torch.Tensor, k: int, locality: float = 1.0,
+                        ridge: float = 1.0, taken: torch.Tensor | None = None) -> torch.Tensor:
+    """The k untaken tokens (default: untested) whose state a ridge regression, fit on this position's
+    verified states, predicts nearest the target. The fit is free (no extra forward) and learns how this
+    context moves each token's state; the gradient chains explore where it is wrong. Verified tokens
+    near the target weigh more (exp(-locality * (d / median d)^2)): the fit only has to be right near
+    the answer."""
+    taken = search.tested if taken is None else taken
     ids = search.verified_ids.all()
     states = search.verified_states.all()
     scale = states.std(0).clamp(min=1e-3)  # whiten: a few massive dimensions would dominate raw L2
@@ -170,10 +173,10 @@ def surrogate_proposals(search: "PositionSearch", features: torch.Tensor, k: int
     # ||(f - x_mean) W + y_mean||^2 for every token, without forming the [V, d] prediction.
     centred = features - x_mean
     scores = ((centred @ (coef @ coef.T)) * centred).sum(-1) + 2 * centred @ (coef @ y_mean)
-    scores[search.tested] = torch.inf
-    return scores.topk(min(k, int((~search.tested).sum())), largest=False).indices
+    scores[taken] = torch.inf
+    return scores.topk(min(k, int((~taken).sum())), largest=False).indices
 
 
-def make_policy(config: "SipItConfig") -> Policy:
+def make_policy(config: SipItConfig) -> Policy:
     """The policy named by a validated config ("random" or "gradient")."""
     return RandomPolicy() if config.policy == "random" else GradientPolicy(config)
