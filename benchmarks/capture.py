@@ -24,7 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.sipit import fresh_prompts, hardware  # noqa: E402
+from benchmarks.common import hardware  # noqa: E402
+from benchmarks.sipit import fresh_prompts  # noqa: E402
 from lit_inversion.models import load_model  # noqa: E402
 from lit_inversion.sipit.algorithm import SipItConfig, capture_probe, invert  # noqa: E402
 from lit_inversion.sipit.index import TokenIndex  # noqa: E402

@@ -20,12 +20,16 @@ import argparse
 import datetime
 import json
 import math
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable for benchmarks.common
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import hardware
 
 from lit_inversion.dlmi.algorithm import DlmiConfig
 from lit_inversion.dlmi.baselines import invert_outputs_by_method, method_config
@@ -41,12 +45,6 @@ METHODS = {
     "gbda": lambda args, **kw: method_config("gbda", **kw),
     "reinforce": lambda args, **kw: method_config("reinforce", **kw),
 }
-
-
-def hardware() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (CUDA)"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def run(loaded, targets: list[dict], config: DlmiConfig, batch_size: int) -> tuple[list[dict], dict]:

@@ -21,12 +21,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable for benchmarks.common
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import hardware
 
 from lit_inversion.models import load_model
 from lit_inversion.sipit.algorithm import SipItConfig, SipItResult, invert
@@ -43,12 +47,6 @@ ABLATIONS = {
     "no LM prior": SipItConfig(lm_prior=False),
     "no LM prior, chains only": SipItConfig(lm_prior=False, surrogate_rank=0),
 }
-
-
-def hardware() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (CUDA)"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def fresh_prompts(loaded, prompts_file: str | None, count: int, num_random: int, length: int,
