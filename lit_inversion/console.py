@@ -95,3 +95,11 @@ def inner_progress(module, total: int, description: str):
     trainer = getattr(module, "_trainer", None)
     bar = getattr(trainer, "progress_bar_callback", None) if trainer is not None else None
     return bar.inner(total, description) if isinstance(bar, InversionProgressBar) else _NoBar()
+
+
+def say(line: str) -> None:
+    """Print a result line above any open progress bars (a plain print would land inside a bar's line)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()

@@ -18,7 +18,7 @@ from dataclasses import fields, replace
 
 from lit_inversion.dlmi.algorithm import DlmiBatch, DlmiResult
 from lit_inversion.dlmi.baselines import LABELS, BaselineConfig, make_batch, method_config
-from lit_inversion.console import inner_progress
+from lit_inversion.console import inner_progress, say
 from lit_inversion.dlmi.data import OutputTarget
 from lit_inversion.errors import InversionError
 from lit_inversion.job import InversionJob
@@ -133,9 +133,9 @@ class DlmiModule(InversionJob):
                 log_text(self, "dlmi/finished_targets", markdown_table(
                     ["target id", "target", "prompt", "output", "honest LCS", "exact"], self._finished_rows),
                     self.optimisation_steps)
-                print(f"[{name}] {'EXACT' if result.exact_match else 'partial'} lcs={result.lcs_ratio:.2f} "
+                say(f"[{name}] {'EXACT' if result.exact_match else 'partial'} lcs={result.lcs_ratio:.2f} "
                       f"soft_lcs={result.soft_lcs_ratio:.2f} steps={result.steps} {result.seconds:.1f}s "
-                      f"prompt={result.prompt_text!r} -> {result.output_text!r}", flush=True)
+                      f"prompt={result.prompt_text!r} -> {result.output_text!r}")
 
     def _restore(self, ids: list[str]) -> DlmiBatch | None:
         pending, self._pending = self._pending, None

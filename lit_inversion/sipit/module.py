@@ -10,7 +10,7 @@ from dataclasses import fields, replace
 
 import torch
 
-from lit_inversion.console import inner_progress
+from lit_inversion.console import inner_progress, say
 from lit_inversion.errors import InversionError
 from lit_inversion.metrics import ExactMatch, TokenAccuracy
 from lit_inversion.job import InversionJob
@@ -161,8 +161,8 @@ class SipItModule(InversionJob):
         status = "exact" if result.exact_match else ("verified" if all(result.verified) else "UNVERIFIED")
         if result.true_ids is not None and not result.exact_match:
             status = "MISMATCH"
-        print(f"[{target.id}] {status} {len(result.recovered_ids)} tokens in {result.seconds:.1f}s "
-              f"({float(tested.mean()):.0f} candidates/token): {record['recovered_text']!r}", flush=True)
+        say(f"[{target.id}] {status} {len(result.recovered_ids)} tokens in {result.seconds:.1f}s "
+              f"({float(tested.mean()):.0f} candidates/token): {record['recovered_text']!r}")
 
     def summarize(self, records: list[dict]) -> str:
         scored = [r for r in records if r["true_ids"] is not None]
