@@ -36,15 +36,18 @@ from lit_inversion.models import load_model
 from lit_inversion.sipit.algorithm import SipItConfig, SipItResult, invert
 from lit_inversion.sipit.data import random_prompts, read_prompts
 from lit_inversion.sipit.pez import PezConfig, invert_pez
-from lit_inversion.sipit.index import TokenIndex
+from lit_inversion.sipit.index import build_index
 from lit_inversion.sipit.table import first_position_table
+from lit_inversion.sipit.token_map import learned_token_map
 from lit_inversion.states import LayerProbe, expand_cache, find_blocks, full_forward, resolve_dtype
 from lit_inversion.tokens import context_prefix
 
 ROOT = Path(__file__).resolve().parents[1]
 # The ranking sources taken away, against the default SipItConfig() that has all of them.
 ABLATIONS = {
+    "no token map": SipItConfig(token_map=False),
     "no LM prior": SipItConfig(lm_prior=False),
+    "no token map, no LM prior": SipItConfig(token_map=False, lm_prior=False),
     "no LM prior, chains only": SipItConfig(lm_prior=False, surrogate_rank=0),
 }
 
@@ -185,9 +188,14 @@ def main() -> None:
     for layer in args.layers:
         with LayerProbe(loaded, layer) as probe:
             start = time.perf_counter()
-            table = first_position_table(probe, prefix)
+            first_position_table(probe, prefix)
             table_seconds = time.perf_counter() - start
-            table = TokenIndex(probe.embedding.weight, table)  # built once per layer, as the Lightning module does
+            start = time.perf_counter()
+            learned_token_map(probe, prefix)
+            map_seconds = time.perf_counter() - start
+            print(f"  layer {layer}: first-position table {table_seconds:.1f}s, token map {map_seconds:.1f}s "
+                  "(built once per model and layer, then read from the cache)", flush=True)
+            table = build_index(probe, prefix, SipItConfig())  # built once per layer, as the Lightning module does
             if SipItConfig().surrogate_rank:
                 table.features(SipItConfig().surrogate_rank)  # once per layer, as in a long run
             ours: dict[str, list[float]] = {}  # per-position seconds by prompt, for the reference comparison
@@ -225,7 +233,7 @@ def main() -> None:
                 rows.append(dict(layer=layer, kind=kind, prompts=len(exact), exact=sum(exact) / len(exact),
                                  mean_s_per_token=statistics.mean(per_token), max_s_per_token=max(per_token),
                                  mean_candidates=statistics.mean(tested), max_candidates=max(tested),
-                                 table_seconds=table_seconds, token_accuracy=statistics.mean(token_accuracy),
+                                 table_seconds=table_seconds, map_seconds=map_seconds, token_accuracy=statistics.mean(token_accuracy),
                                  prompt_seconds=prompt_seconds, ablation=ablation))
                 if pez:
                     rows[-1].update(pez_rows(pez))

@@ -22,7 +22,7 @@ import torch
 from lit_inversion.sipit.config import SipItConfig, check_capture_dtype
 from lit_inversion.sipit.index import TokenIndex
 from lit_inversion.sipit.policies import Policy, make_policy
-from lit_inversion.sipit.prior import LanguagePrior
+from lit_inversion.sipit.prior import LanguagePrior, LensPrior, final_norm_and_head
 from lit_inversion.sipit.search import GrowingRows, PositionSearch
 from lit_inversion.states import LayerProbe
 
@@ -111,7 +111,10 @@ def _invert(probe, targets, prefix, config, true_ids, table, on_position, captur
     cache = probe.prefix_cache(prefix)
     low = capture_dtype != "float32" and config.verify_in == "capture"
     low_cache = verifier_probe.prefix_cache(prefix) if low else None
-    prior = LanguagePrior(probe.model, prefix, device) if config.lm_prior and config.policy == "gradient" else None
+    prior = None
+    if config.lm_prior and config.policy == "gradient":
+        lens = final_norm_and_head(probe.model) if probe.layer == probe.loaded.num_layers else None
+        prior = LensPrior(probe.model, targets, lens) if lens is not None else LanguagePrior(probe.model, prefix, device)
     result = SipItResult([], [], [], [], [], 0.0, true_ids=list(true_ids) if true_ids is not None else None)
     start = time.perf_counter()
     for t in range(targets.shape[0]):
@@ -141,7 +144,8 @@ def _invert(probe, targets, prefix, config, true_ids, table, on_position, captur
         result.position_seconds.append(time.perf_counter() - position_start)
         if on_position is not None:
             on_position(t, int(token), search.num_tested)
-        cache = probe.extend(cache, int(token), position)
+        extended = search.cache_with(int(token)) if accepted is not None else None
+        cache = extended if extended is not None else probe.extend(cache, int(token), position)
         if low:
             low_cache = verifier_probe.extend(low_cache, int(token), position)
         if prior is not None:

@@ -12,8 +12,7 @@ from lit_inversion.models import DEFAULT_MODEL, LoadedModel, load_model
 from lit_inversion.sipit.algorithm import SipItConfig, SipItResult, invert
 from lit_inversion.sipit.config import check_capture_dtype
 from lit_inversion.sipit.pez import PezConfig, invert_pez
-from lit_inversion.sipit.index import TokenIndex
-from lit_inversion.sipit.table import first_position_table
+from lit_inversion.sipit.index import TokenIndex, build_index
 from lit_inversion.states import LayerProbe
 from lit_inversion.tokens import context_prefix, decode
 
@@ -62,7 +61,7 @@ def invert_hidden_states(
         if method == "pez":
             result = invert_pez(probe, states, prefix, cfg, true_ids=true_ids)
         else:
-            index = _token_index(probe, prefix, cfg.use_table)
+            index = _token_index(probe, prefix, cfg)
             result = invert(probe, states.float().to(probe.device), prefix, cfg, true_ids=true_ids, table=index,
                             capture_dtype=capture_dtype)
     result.recovered_text = decode(loaded.tokenizer, result.recovered_ids)
@@ -74,14 +73,13 @@ def invert_hidden_states(
 _last_index: tuple[weakref.ref, tuple, TokenIndex] | None = None
 
 
-def _token_index(probe: LayerProbe, prefix: list[int], use_table: bool) -> TokenIndex:
+def _token_index(probe: LayerProbe, prefix: list[int], config: SipItConfig) -> TokenIndex:
     global _last_index
     weight = probe.embedding.weight
-    key = (weight._version, probe.layer, tuple(prefix), use_table)  # _version: edited in place
+    key = (weight._version, probe.layer, tuple(prefix), config.use_table, config.token_map)  # _version: edited in place
     if _last_index is None or _last_index[0]() is not weight or _last_index[1] != key:
         _last_index = None  # free the old index before building the next
-        table = first_position_table(probe, prefix) if use_table else None
-        _last_index = (weakref.ref(weight), key, TokenIndex(weight, table))
+        _last_index = (weakref.ref(weight), key, build_index(probe, prefix, config))
     return _last_index[2]
 
 

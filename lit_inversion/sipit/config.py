@@ -36,6 +36,12 @@ class SipItConfig:
     surrogate_rank: int = 128  # every other batch from a ridge fit on the verified states (0 = chains only)
     surrogate_locality: float = 1.0  # how much more verified tokens near the target weigh in that fit
     use_table: bool = True  # rank with a cached table of every token's state after the fixed prefix
+    # A ridge map from the layer's state to the token's embedding, fit once per model and layer on random
+    # contexts and cached (sipit/token_map.py): it ranks deep-layer positions the table no longer does;
+    # `map_share` of every batch after the first while its top-`map_top` list lasts.
+    token_map: bool = True
+    map_share: float = 0.25
+    map_top: int = 4096
     # The LM's own next-token distribution given the recovered prefix ranks candidates too: half of the
     # first batch at a position, `prior_share` of later ones, while its top-`prior_mass` nucleus lasts.
     lm_prior: bool = True
@@ -68,6 +74,8 @@ class SipItConfig:
             problems.append(f"surrogate_rank must be 0 (off) or positive (got {self.surrogate_rank})")
         if self.rtol < 0 or self.atol < 0 or self.screen_slack < 0 or self.surrogate_locality < 0:
             problems.append("rtol, atol, screen_slack and surrogate_locality must not be negative")
+        if not 0 <= self.map_share <= 1 or self.map_top < 1:
+            problems.append(f"map_share must be in [0, 1] and map_top at least 1 (got {self.map_share} and {self.map_top})")
         if not 0 <= self.prior_share <= 1 or not 0 < self.prior_mass <= 1:
             problems.append(f"prior_share must be in [0, 1] and prior_mass in (0, 1] "
                             f"(got {self.prior_share} and {self.prior_mass})")

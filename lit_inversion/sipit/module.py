@@ -18,8 +18,7 @@ from lit_inversion.models import DEFAULT_MODEL
 from lit_inversion.sipit.algorithm import SipItConfig, SipItResult, capture_probe, invert
 from lit_inversion.sipit.data import StateTarget
 from lit_inversion.sipit.pez import PezConfig, invert_pez
-from lit_inversion.sipit.index import TokenIndex
-from lit_inversion.sipit.table import first_position_table
+from lit_inversion.sipit.index import TokenIndex, build_index
 from lit_inversion.states import LayerProbe
 from lit_inversion.tokens import context_prefix, decode
 from lit_inversion.tracking import log_scalars, log_text, markdown_table
@@ -73,6 +72,9 @@ class SipItModule(InversionJob):
         surrogate_rank: int = 128,
         surrogate_locality: float = 1.0,
         use_table: bool = True,
+        token_map: bool = True,
+        map_share: float = 0.25,
+        map_top: int = 4096,
         lm_prior: bool = True,
         prior_share: float = 0.25,
         prior_mass: float = 0.999,
@@ -123,8 +125,7 @@ class SipItModule(InversionJob):
                                 true_ids=target.true_ids)
         else:
             if target.layer not in self._indexes:  # the policies' index of the layer's table, built once
-                table = first_position_table(probe, self.prefix()) if self.config.use_table else None
-                self._indexes[target.layer] = TokenIndex(probe.embedding.weight, table)
+                self._indexes[target.layer] = build_index(probe, self.prefix(), self.config)
             dtype = target.capture_dtype
             if dtype != "float32" and self.config.verify_in == "capture" and (target.layer, dtype) not in self._capture_probes:
                 self._capture_probes[(target.layer, dtype)] = capture_probe(probe, dtype)

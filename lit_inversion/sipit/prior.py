@@ -42,3 +42,38 @@ class LanguagePrior:
             self.pending = []
             self._probs = out.logits[0, -1].float().softmax(-1)
         return self._probs
+
+
+def final_norm_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The model's final norm and vocabulary head, where they are plain attributes (Llama-style `norm`,
+    GPT-2's `ln_f`); None for architectures this does not recognise."""
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model
+    norm = next((getattr(backbone, name) for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm")
+                 if isinstance(getattr(backbone, name, None), nn.Module)), None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return (norm, head) if norm is not None and head is not None else None
+
+
+class LensPrior:
+    """The prior at the model's last layer, for free: the target state of the previous position is the
+    very state the model reads its next-token distribution from, so the final norm and the head give the
+    prior without a forward (a full-model forward per position is ~0.13 s on CPU for the default model)."""
+
+    def __init__(self, model: nn.Module, targets: torch.Tensor, norm_and_head: tuple[nn.Module, nn.Module]):
+        self.norm, self.head = norm_and_head
+        self.targets = targets
+        self.softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+        self.position = 0  # prompt tokens recovered so far
+
+    def append(self, token: int) -> None:
+        self.position += 1
+
+    def probs(self) -> torch.Tensor | None:
+        if self.position == 0:
+            return None
+        state = self.targets[self.position - 1][None].to(self.head.weight.device, self.head.weight.dtype)
+        with torch.no_grad():
+            logits = self.head(self.norm(state))[0].float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.softmax(-1)

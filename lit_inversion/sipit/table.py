@@ -22,17 +22,18 @@ TABLE_DTYPE = torch.bfloat16
 _FORMAT = "bf16"  # part of the cache key: tables cached in another dtype (float16 overflowed) are rebuilt
 
 
-def _table_key(probe: LayerProbe, prefix: list[int]) -> str:
+def cache_key(probe: LayerProbe, prefix: list[int], kind: str) -> str:
+    """A file name for a per-(model, layer, prefix) precomputation of the given kind."""
     weight = probe.embedding.weight
     fingerprint = weight[:: max(1, weight.shape[0] // 64), :16].detach().float().cpu().numpy().tobytes()
     digest = hashlib.sha1(fingerprint + repr((probe.loaded.name, tuple(weight.shape), prefix)).encode()).hexdigest()
-    return f"table-{_FORMAT}-{digest[:16]}-layer{probe.layer}.pt"
+    return f"{kind}-{digest[:16]}-layer{probe.layer}.pt"
 
 
 @torch.no_grad()
 def first_position_table(probe: LayerProbe, prefix: list[int], batch_size: int = 512, cache: bool = True) -> torch.Tensor:
     """[V, d] states at the first prompt position for every token (bfloat16 on the probe's device)."""
-    path = cache_dir() / "tables" / _table_key(probe, prefix)
+    path = cache_dir() / "tables" / cache_key(probe, prefix, f"table-{_FORMAT}")
     what = f"the first-position table of layer {probe.layer}"
     if cache and path.is_file():
         table = torch.load(path, map_location=probe.device)
