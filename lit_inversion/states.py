@@ -194,3 +194,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
         return torch.bfloat16
     return torch.float32
+
+
+# float16's largest finite value is 65,504; real models' deep states reach that (Gemma-3's exceed it) and
+# intermediate activations run higher than the states, so float16 is kept well below the limit.
+FLOAT16_SAFE = 2.0 ** 13
+
+
+def within_range(dtype: torch.dtype, target: torch.Tensor) -> torch.dtype:
+    """`dtype`, or float32 where it is float16 and the target state is too large for float16's range."""
+    if dtype == torch.float16 and float(target.abs().max()) > FLOAT16_SAFE:
+        return torch.float32
+    return dtype

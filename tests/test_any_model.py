@@ -120,3 +120,22 @@ def test_non_finite_states_end_in_one_clear_error(tmp_path, monkeypatch):
         loaded.model.get_input_embeddings().weight[5] = float("nan")
     with pytest.raises(InversionError, match="non-finite values in the input embeddings of .*: 32 NaN or inf"):
         invert_hidden_states(torch.randn(3, 32), model=loaded, layer=2)
+
+
+def test_float16_screen_and_chains_fall_back_beyond_float16s_range(tiny_models):
+    loaded = tiny_models["llama-untied"]
+    ids = _prompt(8, seed=31)
+    blocks = loaded.model.model.layers
+    with torch.no_grad():  # MLP outputs beyond float16's range: a float16 forward gives inf there
+        for block in blocks:
+            block.mlp.down_proj.weight.mul_(1e8)
+    try:
+        states = capture_hidden_states(ids, model=loaded, layer=4)
+        assert float(states.abs().max()) > FLOAT16_MAX and bool(torch.isfinite(states).all())
+        result = invert_hidden_states(states, model=loaded, layer=4, true_ids=ids, screen_dtype="float16",
+                                      chain_dtype="float16", use_table=False, token_map=False, lm_prior=False)
+    finally:
+        with torch.no_grad():
+            for block in blocks:
+                block.mlp.down_proj.weight.div_(1e8)
+    assert result.recovered_ids == ids and all(result.verified)

@@ -6,6 +6,8 @@ brute force is `policy: random`.
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import fields, replace
 
 import torch
@@ -125,7 +127,11 @@ class SipItModule(InversionJob):
                                 true_ids=target.true_ids)
         else:
             if target.layer not in self._indexes:  # the policies' index of the layer's table, built once
+                started = time.perf_counter()
                 self._indexes[target.layer] = build_index(probe, self.prefix(), self.config)
+                if time.perf_counter() - started > 5:  # built, not read from the cache
+                    say(f"layer {target.layer}: built the first-position table and token map in "
+                        f"{time.perf_counter() - started:.0f}s (cached for later runs)")
             dtype = target.capture_dtype
             if dtype != "float32" and self.config.verify_in == "capture" and (target.layer, dtype) not in self._capture_probes:
                 self._capture_probes[(target.layer, dtype)] = capture_probe(probe, dtype)

@@ -24,7 +24,7 @@ import torch
 from lit_inversion.sipit.config import SipItConfig
 from lit_inversion.sipit.index import TokenIndex
 from lit_inversion.sipit.search import PositionSearch
-from lit_inversion.states import resolve_dtype
+from lit_inversion.states import resolve_dtype, within_range
 
 __all__ = ["Policy", "RandomPolicy", "GradientPolicy", "TokenIndex", "make_policy", "surrogate_proposals"]
 
@@ -149,7 +149,7 @@ class GradientPolicy(Policy):
         self.steps += 1
         embeds = self.embeds.clone().requires_grad_(True)
         device = search.embedding.device
-        low = resolve_dtype(self.config.chain_dtype, device)
+        low = within_range(resolve_dtype(self.config.chain_dtype, device), search.target)
         with torch.enable_grad(), torch.autocast(device.type, dtype=low, enabled=low != torch.float32):
             states = search.states(inputs_embeds=embeds.to(search.probe.embedding.weight.dtype))
             loss = ((states.float() - search.target) ** 2).mean(dim=-1).sum()

@@ -10,7 +10,7 @@ import torch
 
 from lit_inversion.sipit.config import CAPTURE_RTOL, SipItConfig
 from lit_inversion.sipit.index import TokenIndex
-from lit_inversion.states import LayerProbe, expand_cache, resolve_dtype
+from lit_inversion.states import LayerProbe, expand_cache, resolve_dtype, within_range
 
 
 class GrowingRows:
@@ -72,7 +72,7 @@ class PositionSearch:
             rtol = config.capture_rtol if config.capture_rtol is not None else CAPTURE_RTOL[capture_dtype]
             self.tolerance = config.atol + rtol * norm
         self.verifier = verifier
-        self.screen_dtype = resolve_dtype(config.screen_dtype, self.embedding.device)
+        self.screen_dtype = within_range(resolve_dtype(config.screen_dtype, self.embedding.device), self.target)
         self.screen_radius = self.tolerance + config.screen_slack * norm
         self.best_id: int | None = None
         self.best_distance = math.inf
