@@ -28,8 +28,7 @@ from benchmarks.common import hardware  # noqa: E402
 from benchmarks.sipit import fresh_prompts  # noqa: E402
 from lit_inversion.models import load_model  # noqa: E402
 from lit_inversion.sipit.algorithm import SipItConfig, capture_probe, invert  # noqa: E402
-from lit_inversion.sipit.index import TokenIndex  # noqa: E402
-from lit_inversion.sipit.table import first_position_table  # noqa: E402
+from lit_inversion.sipit.index import build_index  # noqa: E402
 from lit_inversion.states import LayerProbe, find_blocks  # noqa: E402
 
 
@@ -82,10 +81,10 @@ def main() -> None:
             states = capture(model, loaded.bos_id, [ids for _, ids in prompts], layer, loaded.num_layers)
             save_file({"states": states.contiguous()}, str(out / f"{dtype}-layer{layer}.safetensors"))
             with LayerProbe(loaded, layer) as probe:
-                index = TokenIndex(probe.embedding.weight, first_position_table(probe, [loaded.bos_id]))
+                config = SipItConfig(max_candidates=args.max_candidates, verify_in=args.verify_in)
+                index = build_index(probe, [loaded.bos_id], config)
                 cast = dtype != "float32" and args.verify_in == "capture"
                 verifier = capture_probe(probe, dtype) if cast else None
-                config = SipItConfig(max_candidates=args.max_candidates, verify_in=args.verify_in)
                 results = []
                 for (prompt_id, ids), target in zip(prompts, states):
                     r = invert(probe, target, [loaded.bos_id], config, true_ids=ids, table=index,

@@ -237,9 +237,10 @@ def test_last_layer_prior_reads_the_target_states_like_the_models_own_forward(ti
     ids = _prompt(tiny_llama.vocab_size, 6, seed=23)
     with LayerProbe(tiny_llama, tiny_llama.num_layers) as probe:
         states = probe.states(ids, [1])
-    lens = LensPrior(tiny_llama.model, states, final_norm_and_head(tiny_llama.model))
+    lens = LensPrior(tiny_llama.model, states, final_norm_and_head(tiny_llama.model), [1])
     forward = LanguagePrior(tiny_llama.model, [1], torch.device("cpu"))
-    assert lens.probs() is None  # nothing recovered yet: the table is exact at the first position
+    torch.testing.assert_close(lens.probs(), forward.probs(), rtol=1e-4, atol=1e-6)  # after BOS: a forward
+    assert LensPrior(tiny_llama.model, states, final_norm_and_head(tiny_llama.model)).probs() is None  # no BOS
     for token in ids[:-1]:
         lens.append(token)
         forward.append(token)

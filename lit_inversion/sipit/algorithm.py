@@ -114,7 +114,7 @@ def _invert(probe, targets, prefix, config, true_ids, table, on_position, captur
     prior = None
     if config.lm_prior and config.policy == "gradient":
         lens = final_norm_and_head(probe.model) if probe.layer == probe.loaded.num_layers else None
-        prior = LensPrior(probe.model, targets, lens) if lens is not None else LanguagePrior(probe.model, prefix, device)
+        prior = LensPrior(probe.model, targets, lens, prefix, device) if lens is not None else LanguagePrior(probe.model, prefix, device)
     result = SipItResult([], [], [], [], [], 0.0, true_ids=list(true_ids) if true_ids is not None else None)
     start = time.perf_counter()
     for t in range(targets.shape[0]):

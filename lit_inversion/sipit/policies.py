@@ -6,7 +6,8 @@
     (half of the first batch at a position, `prior_share` of later ones, within its `prior_mass` nucleus;
     in the first quarter of the model it joins only after the table's first batch missed);
   - the learned state->token map (sipit/token_map.py): a share of the first batch and `map_share` of
-    later ones, while its top-`map_top` list lasts; it is what ranks deep layers, where the table drifts;
+    later ones, while its top-`map_top` list lasts (in the first quarter of the model it waits for a
+    miss, as the prior does); it is what ranks deep layers, where the table drifts;
   - the first-position table: the state of every token right after the fixed prefix. At the first
     position it is exact, so that position is a lookup; later, its best cosine matches fill the rest
     of the first batch (context shifts norms more than directions);
@@ -70,8 +71,8 @@ class GradientPolicy(Policy):
                 self.table_order = search.index.table_cosine_top(search.target, self.config.batch_size)
         self.prior_order: torch.Tensor | None = None
         self.map_order: torch.Tensor | None = None
-        if self.config.token_map and search.index.token_map is not None and not (self.table_is_exact and self.table_order is not None):
-            self.map_order = search.index.map_top(search.target, self.config.map_top)
+        self.map_asked = not (self.config.token_map and search.index.token_map is not None) or (
+            self.table_is_exact and self.table_order is not None)
         # The prior costs one full-model forward; in the first quarter of the model the table's first
         # batch nearly always hits (and costs less), so there the prior waits for a miss.
         self.prior_wait = 0 if 4 * search.probe.layer >= search.probe.loaded.num_layers else 1
@@ -93,6 +94,9 @@ class GradientPolicy(Policy):
         taken = search.tested.clone()  # tested, or already in this batch
         first = self.batches <= self.prior_wait
         prior_order = self._prior_order(search)
+        if not self.map_asked and self.batches >= self.prior_wait:  # like the prior: shallow layers wait for a miss
+            self.map_asked = True
+            self.map_order = search.index.map_top(search.target, self.config.map_top)
         self.batches += 1
         ranked = [(order, share) for order, share in ((prior_order, self.config.prior_share),
                                                       (self.map_order, self.config.map_share)) if order is not None]

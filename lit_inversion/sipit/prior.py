@@ -59,18 +59,22 @@ class LensPrior:
     very state the model reads its next-token distribution from, so the final norm and the head give the
     prior without a forward (a full-model forward per position is ~0.13 s on CPU for the default model)."""
 
-    def __init__(self, model: nn.Module, targets: torch.Tensor, norm_and_head: tuple[nn.Module, nn.Module]):
+    def __init__(self, model: nn.Module, targets: torch.Tensor, norm_and_head: tuple[nn.Module, nn.Module],
+                 prefix: Sequence[int] = (), device: torch.device | None = None):
         self.norm, self.head = norm_and_head
         self.targets = targets
         self.softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
         self.position = 0  # prompt tokens recovered so far
+        # The first position's prior follows the fixed prefix (BOS), whose state is not a target: one forward.
+        self.first = LanguagePrior(model, prefix, device or targets.device) if prefix else None
 
     def append(self, token: int) -> None:
         self.position += 1
+        self.first = None
 
     def probs(self) -> torch.Tensor | None:
         if self.position == 0:
-            return None
+            return self.first.probs() if self.first is not None else None
         state = self.targets[self.position - 1][None].to(self.head.weight.device, self.head.weight.dtype)
         with torch.no_grad():
             logits = self.head(self.norm(state))[0].float()
