@@ -143,6 +143,27 @@ def test_shared_prefix_candidates_equal_full_forwards(tiny):
         assert torch.allclose(a, b, atol=1e-4) and torch.allclose(b, reference, atol=1e-4)
 
 
+def test_swap_search_scores_multi_swaps_like_full_forwards(tiny):
+    """Candidates grouped by their first changed position (one cached prefix per group) rank exactly
+    as full forwards of each candidate prompt would."""
+    from lit_inversion.dlmi.search import PromptScorer, SwapOptions, SwapSearch
+
+    prompt, target = torch.tensor([7, 8, 9, 10, 11]), torch.tensor([20, 21, 22])
+    scorer = PromptScorer(tiny.model, [BOS], True)
+    swap = SwapSearch(scorer, target, torch.ones(VOCAB, dtype=torch.bool), prompt,
+                      SwapOptions(candidates=12, n_replace=2, window=0), torch.Generator().manual_seed(0))
+    _, _, cache = scorer.with_gradient(prompt, target)
+    gain = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(1))
+    candidates = swap._propose(gain, prompt, target)
+    assert len(candidates) == 12 and ((candidates != prompt).sum(1) == 2).all()
+    keys, leads, preds = swap._score(candidates, prompt, target, cache)
+    full = PromptScorer(tiny.model, [BOS], False)
+    with torch.no_grad():
+        reference = swap.rank(torch.cat([full.prompts(c[None], 0, target, None) for c in candidates]), target)[0]
+    assert torch.allclose(keys, reference.key, atol=1e-3) and torch.equal(leads, reference.lead)
+    assert torch.equal(preds, reference.pred)
+
+
 SEARCH = dict(prompt_length=4, num_steps=60, check_every=4, compute_dtype="float32", refine_candidates=32,
               refine_topk=32)
 
