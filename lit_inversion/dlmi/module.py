@@ -1,7 +1,11 @@
 """DLMI as a Lightning job: one training step optimises one batch of targets to the end.
 
 (Still a custom loop inside the step: the continuous-batching rewrite, one Lightning step per
-optimisation step over a pool of target slots, is not done yet.)
+optimisation step over a pool of target slots, is not done yet. What it needs: per-target batches in
+the slots (every method's state is per target now: `TargetBatch` rows, one `SwapSearch` each), an
+iterable of step ticks that ends when the pool and queue are empty, and, with several ranks, no-op
+steps so that ranks whose targets match early stay in step with the others for Lightning's
+collectives, as `distributed.shard` pads with empty slots today.)
 
 Per optimisation step it logs the loss and mean temperature; per honest check the honest LCS and
 exact-match rate and the current prompt and output text. `last.ckpt` is written every
