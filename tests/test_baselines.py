@@ -121,7 +121,7 @@ def test_gcg_keeps_a_prompt_that_already_matches(tiny_llama):
     prompt = torch.tensor([[40, 41, 42]])
     target = greedy_decode(tiny_llama.model, torch.cat([torch.tensor([[BOS]]), prompt], 1), 4)[0].tolist()
     batch = GcgBatch(tiny_llama, [target], method_config("gcg", prompt_length=3, check_every=100, **SMALL_GCG))
-    batch.current[0] = prompt[0]
+    batch.searches[0].prompt.copy_(prompt[0])
     batch.step()  # no check yet: the matching prompt must not be swapped away meanwhile
     assert batch.current[0].tolist() == prompt[0].tolist() and batch.soft_lcs[0] == 1.0
     (result,) = run_batch(batch)
@@ -144,30 +144,37 @@ def test_retokenization_filter_drops_prompts_that_change_ids():
 
 def test_gcg_never_proposes_a_disallowed_token(tiny_llama):
     batch = GcgBatch(tiny_llama, [[5, 6, 7]], method_config("gcg", prompt_length=3, **SMALL_GCG))
-    prompts = batch.current.clone()
-    score = torch.zeros(1, 3, tiny_llama.vocab_size)
-    score[..., :3] = 1e6  # the gradient "wants" the special tokens most
-    candidates = batch._sample_candidates(prompts, score, torch.tensor([0]))
-    assert candidates.shape == (1, 32, 3)
+    search = batch.searches[0]
+    prompt = search.prompt.clone()
+    gain = torch.zeros(3, tiny_llama.vocab_size)
+    gain[..., :3] = 1e6  # the gradient "wants" the special tokens most
+    candidates = search._propose(gain, prompt, search.target)
+    assert 0 < len(candidates) <= 32 and candidates.shape[1] == 3
     assert not torch.isin(candidates, torch.tensor([0, 1, 2])).any()
-    assert ((candidates != prompts[:, None]).sum(-1) == 1).all()  # n_replace = 1: one changed position each
+    assert ((candidates != prompt).sum(-1) == 1).all()  # n_replace = 1: one changed position each
+    two = GcgBatch(tiny_llama, [[5, 6, 7]], method_config("gcg", prompt_length=3, n_replace=2, **SMALL_GCG))
+    candidates = two.searches[0]._propose(gain, prompt, two.searches[0].target)
+    assert ((candidates != prompt).sum(-1) == 2).all() and not torch.isin(candidates, torch.tensor([0, 1, 2])).any()
 
 
 def test_gcg_scoring_halves_its_batch_and_retries_on_out_of_memory(tiny_llama, monkeypatch):
-    batch = GcgBatch(tiny_llama, [[5, 6, 7]], method_config("gcg", prompt_length=3, gcg_batch_size=16, **SMALL_GCG))
+    batch = GcgBatch(tiny_llama, [[5, 6, 7]], method_config("gcg", prompt_length=3, gcg_batch_size=16,
+                                                            search_width=96, topk=32, filter_ids=False))
     sizes = []
-    original = batch._score_rows
+    scorer = batch.searches[0].scorer
+    original = scorer.prompts
 
-    def flaky(prompts, rows):
+    def flaky(prompts, first, target, cache):
         sizes.append(len(prompts))
         if len(sizes) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(prompts, rows)
+        return original(prompts, first, target, cache)
 
-    monkeypatch.setattr(batch, "_score_rows", flaky)
+    monkeypatch.setattr(scorer, "prompts", flaky)
     stats = batch.step()
-    assert sizes == [16, 8, 8, 8, 8]  # 32 candidates: the failed 16 retried as 8s
-    assert batch.scoring_batch_size == 8 and torch.isfinite(stats.loss).all()
+    # 96 candidates, 32 per position: the failed 16 retried as 8s, and every later slice is 8.
+    assert sizes[:3] == [16, 8, 8] and set(sizes[1:]) == {8} and sum(sizes[1:]) == 96
+    assert batch.scoring_batch_size == 8 and torch.isfinite(stats.loss[0])
 
 
 def test_backoff_gives_up_cleanly():

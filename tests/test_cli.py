@@ -175,7 +175,9 @@ def test_dlmi_cli_run_writes_records_and_tensorboard(tmp_path, tiny_llama_dir):
 
     events = EventAccumulator(str(next((tmp_path / "runs").rglob("events.out.tfevents.*")).parent))
     events.Reload()
-    assert {"dlmi/loss", "dlmi/mean_tau", "dlmi/honest_lcs"} <= set(events.Tags()["scalars"])
+    # The default search has no temperature, so no dlmi/mean_tau (the relaxed phase logs it).
+    assert {"dlmi/loss", "dlmi/soft_lcs", "dlmi/honest_lcs"} <= set(events.Tags()["scalars"])
+    assert "dlmi/mean_tau" not in events.Tags()["scalars"]
     assert "dlmi/finished_targets/text_summary" in events.Tags()["tensors"]
 
 

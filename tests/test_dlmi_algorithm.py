@@ -107,7 +107,7 @@ def test_refinement_only_moves_downhill(tiny):
     while not batch.finished:
         keys.append(float(batch.step().loss[0]))
     assert all(b <= a + 1e-6 for a, b in zip(keys, keys[1:]))
-    assert int(batch.tried.sum()) > 0  # verified swaps are remembered, not tried again
+    assert int(batch.searches[0].tried.sum()) > 0  # verified swaps are remembered, not tried again
 
 
 @pytest.mark.parametrize("objective", ["hinge", "ce"])
@@ -141,6 +141,27 @@ def test_shared_prefix_candidates_equal_full_forwards(tiny):
         with torch.no_grad():
             reference = batch._target_logits(tiny.model.get_input_embeddings().weight[changed], torch.zeros(3).long())
         assert torch.allclose(a, b, atol=1e-4) and torch.allclose(b, reference, atol=1e-4)
+
+
+def test_swap_search_scores_multi_swaps_like_full_forwards(tiny):
+    """Candidates grouped by their first changed position (one cached prefix per group) rank exactly
+    as full forwards of each candidate prompt would."""
+    from lit_inversion.dlmi.search import PromptScorer, SwapOptions, SwapSearch
+
+    prompt, target = torch.tensor([7, 8, 9, 10, 11]), torch.tensor([20, 21, 22])
+    scorer = PromptScorer(tiny.model, [BOS], True)
+    swap = SwapSearch(scorer, target, torch.ones(VOCAB, dtype=torch.bool), prompt,
+                      SwapOptions(candidates=12, n_replace=2, window=0), torch.Generator().manual_seed(0))
+    _, _, cache = scorer.with_gradient(prompt, target)
+    gain = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(1))
+    candidates = swap._propose(gain, prompt, target)
+    assert len(candidates) == 12 and ((candidates != prompt).sum(1) == 2).all()
+    keys, leads, preds = swap._score(candidates, prompt, target, cache)
+    full = PromptScorer(tiny.model, [BOS], False)
+    with torch.no_grad():
+        reference = swap.rank(torch.cat([full.prompts(c[None], 0, target, None) for c in candidates]), target)[0]
+    assert torch.allclose(keys, reference.key, atol=1e-3) and torch.equal(leads, reference.lead)
+    assert torch.equal(preds, reference.pred)
 
 
 SEARCH = dict(prompt_length=4, num_steps=60, check_every=4, compute_dtype="float32", refine_candidates=32,
@@ -199,14 +220,28 @@ def test_stalled_refinement_restarts_from_the_next_init_prompt(tiny):
     batch = DlmiBatch(tiny, [[9, 10, 11, 12, 13]], config)
     for _ in range(3):
         batch.step()
-    batch.tried[0, 0, 5] = True
-    before = int(batch.restarts[0])
-    batch._restart_stalled(torch.tensor([0]))
+    search = batch.searches[0]
+    search.tried[0, 5] = True
+    before = int(search.restarts)
+    search.restart()
     K = batch.seeds.shape[1]
-    assert int(batch.restarts[0]) == before + 1 and int(batch.stalled[0]) == 0 and not batch.tried.any()
+    assert int(search.restarts) == before + 1 and int(search.stalled) == 0 and not search.tried.any()
     assert torch.equal(batch.current[0], batch.seeds[0, (before + 1) % K])
     run_batch(batch)  # and it keeps running to the end
     assert int(batch.steps[0]) == config.num_steps or bool(batch.done[0])
+
+
+def test_random_restart_starts_from_the_best_prompt_with_a_few_positions_redrawn(tiny):
+    config = DlmiConfig(prompt_length=6, num_steps=8, compute_dtype="float32", refine_candidates=8, restart_swaps=2)
+    batch = DlmiBatch(tiny, [[9, 10, 11, 12, 13]], config)
+    for _ in range(3):
+        batch.step()
+    search = batch.searches[0]
+    best = search.best.clone()
+    assert float(search.best_key) <= float(search.key)  # the best prompt ranked so far
+    search.prompt[:] = 3  # wander off, then restart
+    search.restart()
+    assert int((search.prompt != best).sum()) <= 2 and int(search.lead) == 0
 
 
 def test_repeat_prompt_layouts():

@@ -1,8 +1,8 @@
 """The published output -> prompt baselines, selectable next to DLMI through `method`.
 
-Every method runs on a `DlmiBatch` (or a subclass), so it shares the targets, the honest check
+Every method's batch is a `TargetBatch` (batch.py), so they share the targets, the honest check
 (greedy decoding from the discrete prompt), the results, `run_batch`, the Lightning module and
-checkpoint/resume:
+checkpoint/resume; none inherits another method's state:
 
 - `dlmi`: the default `DlmiConfig` (unchanged).
 - `gbda`: Gumbel-softmax with a fixed tau (`fixed_tau`, 1 by default; the paper also runs 100) and no
@@ -17,14 +17,11 @@ prompt rather than the best checked one (GCG keeps the best, as nanoGCG returns 
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
-import torch
-
-from lit_inversion.dlmi.algorithm import (DlmiBatch, DlmiConfig, DlmiResult, StepStats, invert_outputs, on_model_device)
+from lit_inversion.dlmi.algorithm import DlmiBatch, DlmiConfig, DlmiResult, StepStats, invert_outputs
+from lit_inversion.dlmi.batch import TargetBatch
 from lit_inversion.errors import InversionError
 
 METHODS = ("dlmi", "gbda", "reinforce", "gcg")
@@ -94,34 +91,12 @@ def method_config(method: str = "dlmi", **overrides) -> BaselineConfig:
     return config
 
 
-class BaselineBatch(DlmiBatch):
-    """A DlmiBatch whose step is a baseline's; the checks, results and checkpoints stay DlmiBatch's."""
-
-    phase = "baseline"
-
-    def _baseline_step(self, idx: torch.Tensor) -> torch.Tensor:
-        """One step for the running targets `idx`; returns their loss [A]."""
-        raise NotImplementedError
-
-    @on_model_device
-    def step(self) -> StepStats:
-        idx = self.active()
-        B = self.batch_size
-        stats = StepStats(torch.full((B,), math.nan), self.tau().detach().mean(1), self.soft_lcs.clone(), self.phase)
-        if len(idx):
-            stats.loss[idx] = self._baseline_step(idx).float().cpu()
-            stats.soft_lcs = self.soft_lcs.clone()
-            self.steps[idx] += 1
-            self.seconds[idx] = time.perf_counter() - self._started
-        return stats
-
-
 def make_batch(loaded, targets: Sequence[Sequence[int]], config: DlmiConfig,
-               keys: Sequence[object] | None = None) -> DlmiBatch:
+               keys: Sequence[object] | None = None) -> TargetBatch:
     """The batch class of `config.method` (a plain DlmiConfig means DLMI)."""
     method = getattr(config, "method", "dlmi")
     if method == "reinforce":
-        from lit_inversion.dlmi.reinforce import ReinforceBatch  # builds on BaselineBatch above
+        from lit_inversion.dlmi.reinforce import ReinforceBatch
 
         return ReinforceBatch(loaded, targets, config, keys)
     if method == "gcg":

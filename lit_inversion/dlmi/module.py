@@ -1,7 +1,11 @@
 """DLMI as a Lightning job: one training step optimises one batch of targets to the end.
 
 (Still a custom loop inside the step: the continuous-batching rewrite, one Lightning step per
-optimisation step over a pool of target slots, is not done yet.)
+optimisation step over a pool of target slots, is not done yet. What it needs: per-target batches in
+the slots (every method's state is per target now: `TargetBatch` rows, one `SwapSearch` each), an
+iterable of step ticks that ends when the pool and queue are empty, and, with several ranks, no-op
+steps so that ranks whose targets match early stay in step with the others for Lightning's
+collectives, as `distributed.shard` pads with empty slots today.)
 
 Per optimisation step it logs the loss and mean temperature; per honest check the honest LCS and
 exact-match rate and the current prompt and output text. `last.ckpt` is written every
@@ -16,7 +20,10 @@ import inspect
 import typing
 from dataclasses import fields, replace
 
-from lit_inversion.dlmi.algorithm import DlmiBatch, DlmiResult
+import torch
+
+from lit_inversion.dlmi.algorithm import DlmiResult
+from lit_inversion.dlmi.batch import TargetBatch
 from lit_inversion.dlmi.baselines import LABELS, BaselineConfig, make_batch, method_config
 from lit_inversion.console import inner_progress, say
 from lit_inversion.dlmi.data import OutputTarget
@@ -95,9 +102,12 @@ class DlmiModule(InversionJob):
                 bar.update(1)
                 self.optimisation_steps += 1
                 running = ~batch.done
-                log_scalars(self, {"dlmi/loss": float(stats.loss[stats.loss == stats.loss].mean()),
-                                   "dlmi/mean_tau": float(stats.tau[running].mean()) if running.any() else 0.0,
-                                   "dlmi/soft_lcs": float(stats.soft_lcs.mean())}, self.optimisation_steps)
+                scalars = {"dlmi/loss": float(stats.loss[stats.loss == stats.loss].mean()),
+                           "dlmi/soft_lcs": float(stats.soft_lcs.mean())}
+                taus = stats.tau[running]
+                if running.any() and bool(torch.isfinite(taus).all()):  # methods without a temperature: nan
+                    scalars["dlmi/mean_tau"] = float(taus.mean())
+                log_scalars(self, scalars, self.optimisation_steps)
                 steps = int(batch.steps.max())
                 if steps % c.check_every == 0 or steps >= c.num_steps:
                     results = batch.check()
@@ -114,7 +124,7 @@ class DlmiModule(InversionJob):
         self._write_finished(batch)
         self.__dict__["_batch"] = None
 
-    def _write_finished(self, batch: DlmiBatch) -> None:
+    def _write_finished(self, batch: TargetBatch) -> None:
         """Append each target's record as soon as it stops (matched, or out of steps)."""
         for b, name in enumerate(batch.target_names):
             stopped = bool(batch.done[b]) or int(batch.steps[b]) >= self.config.num_steps
@@ -137,7 +147,7 @@ class DlmiModule(InversionJob):
                       f"soft_lcs={result.soft_lcs_ratio:.2f} steps={result.steps} {result.seconds:.1f}s "
                       f"prompt={result.prompt_text!r} -> {result.output_text!r}")
 
-    def _restore(self, ids: list[str]) -> DlmiBatch | None:
+    def _restore(self, ids: list[str]) -> TargetBatch | None:
         pending, self._pending = self._pending, None
         if pending is None or pending["batch_ids"] != ids:
             return None

@@ -5,14 +5,17 @@ softmax(Z) (from the target's own generator); their reward is minus the teacher-
 cross-entropy of the target, all S x targets prompts scored in one forward. The gradient of
 -(r - b) * log p(prompt) moves Z, with Adam, where b is an EMA of the mean reward
 (b <- 0.9 b + 0.1 r, started at the first step's mean reward so the first advantages are centred).
-The answer is argmax Z, the mode of the distribution.
+The answer is argmax Z, the mode of the distribution. No temperature: samples follow softmax(Z).
 """
 
 from __future__ import annotations
 
-import torch
+import copy
 
-from lit_inversion.dlmi.baselines import BaselineBatch
+import torch
+from torch import nn
+
+from lit_inversion.dlmi.batch import StepStats, TargetBatch, on_model_device
 
 
 def ema_update(baseline: torch.Tensor, reward: torch.Tensor, decay: float) -> torch.Tensor:
@@ -20,17 +23,32 @@ def ema_update(baseline: torch.Tensor, reward: torch.Tensor, decay: float) -> to
     return decay * baseline + (1.0 - decay) * reward
 
 
-class ReinforceBatch(BaselineBatch):
+class ReinforceBatch(TargetBatch):
     phase = "reinforce"
 
     def __init__(self, loaded, targets, config, keys=None):
         super().__init__(loaded, targets, config, keys)
-        self.register_buffer("reward_baseline", torch.full((self.batch_size,), float("nan"), device=self.device))
+        with self.on_device():
+            N, V = config.prompt_length, loaded.vocab_size
+            self.logits = nn.Parameter(torch.stack([torch.randn(N, V, generator=g) for g in self.generators]))
+            self.optimizer = torch.optim.Adam([self.logits], lr=config.learning_rate)
+            self.register_buffer("reward_baseline", torch.full((self.batch_size,), float("nan")))
+            self.best_prompt.copy_(self.discrete_prompts())
 
-    def tau(self) -> torch.Tensor:
-        return torch.ones(self.batch_size, self.config.prompt_length)  # samples follow softmax(Z) itself
+    def discrete_prompts(self) -> torch.Tensor:
+        return self.logits.detach().argmax(-1)
 
-    def _baseline_step(self, idx: torch.Tensor) -> torch.Tensor:
+    @on_model_device
+    def step(self) -> StepStats:
+        idx = self.active()
+        stats = self._stats(self.phase)
+        if len(idx):
+            stats.loss[idx] = self._reinforce_step(idx).float().cpu()
+        self._finish_step(idx)
+        stats.soft_lcs = self.soft_lcs.clone()
+        return stats
+
+    def _reinforce_step(self, idx: torch.Tensor) -> torch.Tensor:
         c = self.config
         A, S, N = len(idx), c.gumbel_samples, c.prompt_length
         logits = self.logits[idx]  # [A, N, V]
@@ -53,6 +71,18 @@ class ReinforceBatch(BaselineBatch):
         surrogate = -(advantage * picked.sum(-1)).mean(1)  # [A]; its gradient is the REINFORCE estimate
         self.optimizer.zero_grad(set_to_none=True)
         surrogate.sum().backward()  # a sum keeps each target's gradient independent of the batch
-        self._masked_optimizer_step(idx)
+        # Stopped targets keep their Z (their Adam moments may decay).
+        frozen = torch.ones(self.batch_size, dtype=torch.bool)
+        frozen[idx] = False
+        saved = self.logits.data[frozen].clone()
+        self.optimizer.step()
+        self.logits.data[frozen] = saved
         self.soft_lcs[idx] = torch.tensor(self._lcs_rows(tf_logits.argmax(-1), rows)).view(A, S).mean(1)
         return ce.mean(1)
+
+    def get_extra_state(self) -> dict:
+        return {**super().get_extra_state(), "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        super().set_extra_state(state)

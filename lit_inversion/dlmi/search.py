@@ -11,15 +11,22 @@ Cost: the candidates that change position p share the prompt before p, so its ke
 the gradient forward's cache and only the rest is run; vocabulary logits are computed only at the
 scored target positions (backbone, then the LM head on those rows).
 
-These are plain functions over one target; `DlmiBatch` keeps the per-target state.
+`SwapSearch` is the one swap search of the package: DLMI's refinement and the GCG baseline are two
+option sets of it (`SwapOptions`): the ranking (`lead`: right prefix first, then the per-position loss
+over a window; `mean`: GCG's mean cross-entropy with a full match winning), the acceptance rule
+(`improve`: move only to a better prompt; `best`: always move to the best candidate, as nanoGCG
+without a buffer), and the filters (allowed tokens, copy limit, decode -> encode round trip).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from lit_inversion.errors import InversionError
 
 try:  # the cache class that lets candidates share the prompt prefix
     from transformers import DynamicCache
@@ -85,7 +92,7 @@ class PromptScorer:
         parts = [self._embed(torch.tensor([self.prefix], dtype=torch.long))] if self.prefix else []
         parts += [emb, self._embed(target[None, : w - 1])]
         out = self.base(inputs_embeds=torch.cat(parts, 1), use_cache=self.share_prefix)
-        hidden = out.last_hidden_state[:, -w:]
+        hidden = out.last_hidden_state[:, -w:].contiguous()  # a strided input makes the CPU head ~9x slower
         cache = out.past_key_values if self.share_prefix else None
         if cache is not None and not isinstance(cache, DynamicCache):
             cache = None  # another cache layout: candidates run full forwards
@@ -97,19 +104,26 @@ class PromptScorer:
     def candidates(self, prompt: torch.Tensor, position: int, tokens: torch.Tensor, target: torch.Tensor,
                    cache) -> torch.Tensor:
         """Logits [K, w, V] of the prompts that put each of `tokens` [K] at `position` of `prompt` [N]."""
-        K, w, P = tokens.shape[0], target.shape[0], len(self.prefix)
-        rest = torch.cat([prompt[position + 1 :], target[: w - 1]])
-        if cache is not None and P + position > 0:
-            ids = torch.cat([tokens[:, None], rest.expand(K, -1)], 1)
-            past = DynamicCache([(k[:, :, : P + position].expand(K, -1, -1, -1),
-                                  v[:, :, : P + position].expand(K, -1, -1, -1)) for k, v in cache],
+        prompts = prompt.repeat(tokens.shape[0], 1)
+        prompts[:, position] = tokens
+        return self.prompts(prompts, position, target, cache)
+
+    @torch.no_grad()
+    def prompts(self, prompts: torch.Tensor, first: int, target: torch.Tensor, cache) -> torch.Tensor:
+        """Logits [K, w, V] of prompts [K, N] that all agree with the cached prompt before `first`."""
+        K, w, P = prompts.shape[0], target.shape[0], len(self.prefix)
+        rest = target[: w - 1].expand(K, -1)
+        if cache is not None and P + first > 0:
+            ids = torch.cat([prompts[:, first:], rest], 1)
+            past = DynamicCache([(k[:, :, : P + first].expand(K, -1, -1, -1),
+                                  v[:, :, : P + first].expand(K, -1, -1, -1)) for k, v in cache],
                                 config=self.model.config)
             hidden = self.base(inputs_embeds=self._embed(ids), past_key_values=past, use_cache=True).last_hidden_state
         else:
-            head = torch.cat([torch.tensor(self.prefix, dtype=torch.long), prompt[:position]])
-            ids = torch.cat([head.expand(K, -1), tokens[:, None], rest.expand(K, -1)], 1)
+            head = torch.tensor(self.prefix, dtype=torch.long).expand(K, -1)
+            ids = torch.cat([head, prompts, rest], 1)
             hidden = self.base(inputs_embeds=self._embed(ids), use_cache=False).last_hidden_state
-        return self.head(hidden[:, -w:])
+        return self.head(hidden[:, -w:].contiguous())  # a strided input makes the CPU head ~9x slower
 
 
 def lcs_length(a: list[int], b: list[int]) -> int:
@@ -132,3 +146,254 @@ def copy_ok(prompt: list[int], target: list[int], position: int, token: int, lim
         return True
     changed = prompt[:position] + [token] + prompt[position + 1 :]
     return lcs_length(changed, target) <= limit * len(target) + 1e-9
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    message = str(error).lower()  # older or other allocators raise a plain RuntimeError
+    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+
+
+def map_with_backoff(fn: Callable[[int, int], object], total: int, batch_size: int) -> tuple[list, int]:
+    """[fn(start, end) for consecutive slices of range(total)], halving the slice on out-of-memory
+    and retrying the failed slice. Returns the results and the slice size that worked."""
+    results, start = [], 0
+    while start < total:
+        end = min(total, start + batch_size)
+        try:
+            results.append(fn(start, end))
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            if batch_size == 1:
+                raise InversionError("out of memory scoring a single GCG candidate: use a shorter prompt_length "
+                                     "or target, or a smaller model") from error
+            batch_size = max(1, batch_size // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        start = end
+    return results, batch_size
+
+
+@dataclass
+class SwapOptions:
+    """How one `SwapSearch` proposes, scores and accepts swaps (DLMI's refinement and GCG are two presets)."""
+
+    candidates: int = 64  # candidate prompts scored per step
+    topk: int = 256  # each swap draws from the top-k tokens of the one-hot gradient at its position
+    positions: int = 0  # prompt positions a step swaps at (a random subset); 0 = every position
+    n_replace: int = 1  # positions changed per candidate
+    rank: str = "lead"  # lead: right target prefix first, then `objective` over the window | mean: GCG's mean CE
+    objective: str = "hinge"  # per-position loss of the lead rank: hinge on the logit margin | ce
+    margin: float = 1.0  # kappa of the hinge
+    window: int = 4  # lead rank: score the right prefix + this many target positions (0 = the whole target)
+    accept: str = "improve"  # improve: move only to a better prompt | best: always to the best candidate
+    no_revisit: bool = True  # a swap scored against the current prompt is not scored again (reset on a move)
+    patience: int = 16  # steps without a move before a restart (0 = never)
+    restart_swaps: int = 3  # positions of the best prompt a restart re-draws (seeded restarts: the next seed)
+    copy_limit: float = 1.0  # largest LCS(prompt, target) / M a candidate may have (1.0 = off)
+    retokenize: bool = False  # drop candidates whose decode -> encode round trip changes the ids
+    chunk: int | None = None  # candidates per scoring forward (None: a whole group); halved on out-of-memory
+
+
+@dataclass
+class SwapStep:
+    key: float  # rank key of the prompt after the step (smaller is better)
+    lead: int  # right target prefix under teacher forcing
+    pred: torch.Tensor  # [w] teacher-forced argmax of the scored window
+    exact_due: bool  # the teacher-forced argmax is the whole target: confirm by greedy decoding now
+
+
+class SwapSearch(nn.Module):
+    """One target's swap search; its state (prompt, counters, best prompt, visited swaps) is buffers,
+    so it travels with the owning batch's state_dict.
+
+    One `step()`: the gradient of the ranking loss at the current prompt (one forward and backward,
+    whose key/value cache the candidates reuse), `candidates` swaps drawn from the per-position top-k
+    of the one-hot gradient, filtered, scored in groups that share the prompt before their first
+    changed position, then the acceptance rule. The random draws come from the target's generator."""
+
+    def __init__(self, scorer: PromptScorer, target: torch.Tensor, allowed: torch.Tensor, prompt: torch.Tensor,
+                 options: SwapOptions, generator: torch.Generator, tokenizer=None,
+                 seeds: torch.Tensor | None = None, random_prompt: Callable[[], torch.Tensor] | None = None):
+        super().__init__()
+        self.scorer, self.options, self.generator, self.tokenizer = scorer, options, generator, tokenizer
+        self.random_prompt = random_prompt
+        N, V = prompt.shape[0], allowed.shape[0]
+        self.register_buffer("target", target.clone(), persistent=False)
+        self.register_buffer("allowed", allowed, persistent=False)
+        self.register_buffer("seeds", seeds if seeds is not None else torch.zeros(0, N, dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("prompt", prompt.clone())
+        self.register_buffer("tried", torch.zeros(N, V if options.no_revisit else 0, dtype=torch.bool))
+        self.register_buffer("lead", torch.zeros((), dtype=torch.long))
+        self.register_buffer("key", torch.tensor(torch.inf, dtype=torch.float64))
+        self.register_buffer("stalled", torch.zeros((), dtype=torch.long))
+        self.register_buffer("restarts", torch.zeros((), dtype=torch.long))
+        # The best prompt the search has ranked (restarts start from it, perturbed).
+        self.register_buffer("best", prompt.clone())
+        self.register_buffer("best_key", torch.tensor(torch.inf, dtype=torch.float64))
+
+    def reset(self, prompt: torch.Tensor, forget_best: bool = False) -> None:
+        """Start again from `prompt` (a restart; a new phase also forgets the best prompt)."""
+        if forget_best:
+            self.best.copy_(prompt)
+            self.best_key.fill_(torch.inf)
+        self.prompt.copy_(prompt)
+        self.tried.zero_()
+        self.lead.zero_()
+        self.stalled.zero_()
+        self.key.fill_(torch.inf)
+
+    # ----- ranking ------------------------------------------------------------------------------
+    def rank(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[Scored, torch.Tensor]:
+        """(rank keys, differentiable loss [R]) of logits [R, w, V] for target [w]."""
+        o = self.options
+        if o.rank == "lead":
+            return score(logits, target, o.objective, o.margin)
+        margin, ce = position_losses(logits, target, "ce", 0.0)
+        lead = (margin.detach() < 0).long().cumprod(1).sum(1)
+        mean = ce.mean(1)
+        # A full match wins outright (nanoGCG's early stop); otherwise the mean cross-entropy.
+        key = mean.detach().double() - BIG * (lead == target.shape[0]).double()
+        return Scored(lead, key, logits.detach().argmax(-1)), mean
+
+    # ----- one step -----------------------------------------------------------------------------
+    def step(self, checked: torch.Tensor | None = None) -> SwapStep:
+        """One search step. `checked`: the last prompt the owner decoded greedily (no new exact flag for it)."""
+        o, target, E = self.options, self.target, self.scorer.E
+        n = target.shape[0]
+        w = n if (o.window == 0 or o.rank != "lead") else min(n, int(self.lead) + o.window)
+        prompt = self.prompt.clone()
+        while True:
+            logits, emb, cache = self.scorer.with_gradient(prompt, target[:w])
+            now, loss = self.rank(logits, target[:w])
+            if not (w < n and int(now.lead[0]) == w):
+                break
+            w = min(n, w + o.window)  # the window is all right: widen it before searching
+        self._note(prompt, int(now.lead[0]), float(now.key[0]))
+        if int(now.lead[0]) == n and (checked is None or not torch.equal(checked, prompt)):
+            return SwapStep(float(now.key[0]), n, now.pred[0], True)  # confirm before moving away
+        (grad,) = torch.autograd.grad(loss.sum(), emb)
+        gain = -(grad[0].float() @ E.detach().float().T)  # [N, V] first-order gain of each swap
+        candidates = self._propose(gain, prompt, target)
+        if len(candidates) == 0:
+            return self._stall(now, n)
+        keys, leads, preds = self._score(candidates, prompt, target[:w], cache)
+        i = int(keys.argmin())
+        if o.accept == "improve" and float(keys[i]) >= float(now.key[0]):
+            return self._stall(now, n)
+        self.prompt.copy_(candidates[i])
+        self.tried.zero_()  # a new prompt has a new neighbourhood
+        self.stalled.zero_()
+        self._note(candidates[i], int(leads[i]), float(keys[i]))
+        return SwapStep(float(keys[i]), int(leads[i]), preds[i], int(leads[i]) == n and w == n)
+
+    def _note(self, prompt: torch.Tensor, lead: int, key: float) -> None:
+        self.lead.fill_(lead)
+        self.key.fill_(key)
+        if key < float(self.best_key):
+            self.best_key.fill_(key)
+            self.best.copy_(prompt)
+
+    def _propose(self, gain: torch.Tensor, prompt: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """[C, N] filtered candidate prompts."""
+        o, g = self.options, self.generator
+        N = prompt.shape[0]
+        blocked = ~self.allowed[None].expand(N, -1).clone()
+        if o.no_revisit:
+            blocked |= self.tried
+        blocked[torch.arange(N), prompt] = True  # a swap must change the token
+        gain = gain.masked_fill(blocked, -torch.inf)
+        top_gain, top = gain.topk(min(o.topk, gain.shape[-1]), -1)  # [N, k]
+        finite = torch.isfinite(top_gain).sum(1)  # usable tokens per position
+        open_positions = torch.nonzero(finite > 0).flatten()
+        if len(open_positions) == 0:
+            return prompt[None][:0]
+        if o.positions:
+            open_positions = open_positions[torch.randperm(len(open_positions), generator=g)][: o.positions]
+        if o.n_replace == 1:
+            # Stratified by position (C / positions each, without repeats), so each group shares a prefix.
+            per = max(1, o.candidates // len(open_positions))
+            rows = []
+            for p in sorted(open_positions.tolist()):
+                pick = top[p, torch.randperm(int(finite[p]), generator=g)[:per]]
+                cand = prompt.repeat(len(pick), 1)
+                cand[:, p] = pick
+                rows.append(cand)
+                if o.no_revisit:
+                    self.tried[p, pick] = True
+            candidates = torch.cat(rows)
+        else:
+            r = min(o.n_replace, len(open_positions))
+            C = o.candidates
+            where = open_positions[torch.rand(C, len(open_positions), generator=g).argsort(1)[:, :r]]  # [C, r]
+            index = (torch.rand(C, r, generator=g) * finite[where]).long()
+            candidates = prompt.repeat(C, 1)
+            candidates.scatter_(1, where, top[where, index])
+        return self._filter(candidates, prompt, target)
+
+    def _filter(self, candidates: torch.Tensor, prompt: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        o = self.options
+        keep = torch.ones(len(candidates), dtype=torch.bool)
+        if o.copy_limit < 1.0:
+            target_list = target.tolist()
+            target_set = set(target_list)
+            for i, cand in enumerate(candidates.tolist()):
+                changed = set(cand) - set(prompt.tolist())
+                if changed & target_set:  # a token outside the target cannot lengthen the LCS
+                    keep[i] = lcs_length(cand, target_list) <= o.copy_limit * len(target_list) + 1e-9
+        if o.retokenize and self.tokenizer is not None:
+            from lit_inversion.dlmi.vocab import retokenization_mask
+
+            keep &= retokenization_mask(self.tokenizer, candidates)
+        return candidates[keep]
+
+    def _score(self, candidates: torch.Tensor, prompt: torch.Tensor, target: torch.Tensor,
+               cache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys [C], leads [C], teacher-forced argmax [C, w]), scored in groups sharing the prompt
+        before their first changed position (one cached prefix per group)."""
+        first = (candidates != prompt).long().argmax(1)
+        keys = torch.empty(len(candidates), dtype=torch.float64)
+        leads = torch.empty(len(candidates), dtype=torch.long)
+        preds = torch.empty(len(candidates), target.shape[0], dtype=torch.long)
+        for p in first.unique().tolist():
+            rows = torch.nonzero(first == p).flatten()
+
+            def run(s: int, e: int, rows=rows, p=p):
+                scored, _ = self.rank(self.scorer.prompts(candidates[rows[s:e]], p, target, cache), target)
+                return scored
+
+            parts, used = map_with_backoff(run, len(rows), self.options.chunk or len(rows))
+            if self.options.chunk is not None and used < self.options.chunk:
+                self.options.chunk = used  # later steps start at the size that fitted
+            keys[rows] = torch.cat([s.key.cpu() for s in parts])
+            leads[rows] = torch.cat([s.lead.cpu() for s in parts])
+            preds[rows] = torch.cat([s.pred.cpu() for s in parts])
+        return keys, leads, preds
+
+    def _stall(self, now: Scored, n: int) -> SwapStep:
+        """No move this step; after `patience` such steps, restart."""
+        self.stalled += 1
+        if self.options.patience and int(self.stalled) >= self.options.patience:
+            self.restart()
+        return SwapStep(float(now.key[0]), int(now.lead[0]), now.pred[0], False)
+
+    def restart(self) -> None:
+        """The next seed prompt if there are seeds; else the best prompt ranked so far with
+        `restart_swaps` random positions re-drawn (within the copy limit)."""
+        self.restarts += 1
+        if len(self.seeds):
+            self.reset(self.seeds[int(self.restarts) % len(self.seeds)])
+            return
+        changed = self.best.clone()
+        if self.random_prompt is not None and self.options.restart_swaps:
+            fresh = self.random_prompt()
+            positions = torch.randperm(len(changed), generator=self.generator)[: self.options.restart_swaps]
+            changed[positions] = fresh[positions]
+            target = self.target.tolist()
+            if lcs_length(changed.tolist(), target) > self.options.copy_limit * len(target):
+                changed = self.best.clone()
+        self.reset(changed)

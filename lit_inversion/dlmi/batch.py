@@ -1,0 +1,348 @@
+"""What every output -> prompt method shares: a batch of targets, the honest check and the results.
+
+`TargetBatch` holds the targets (padded), one generator per target (seeded from the run seed and the
+target's key, so a target follows the same path alone or in any batch), the step counters, the best
+prompt any honest check saw, and the tokens a discrete search may use. A method subclasses it with
+its own parameters and `step()`: `DlmiBatch` (the relaxed phase and the swap search), `GcgBatch`
+(the swap search alone), `ReinforceBatch` (the score-function gradient). None of them inherits
+another method's state.
+
+The honest check decodes greedily from the discrete prompt and scores that against the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lit_inversion.dlmi import search
+from lit_inversion.dlmi.vocab import allowed_tokens, forbidden_for_target
+from lit_inversion.errors import InversionError
+from lit_inversion.metrics import lcs_ratio
+from lit_inversion.tokens import check_ids, context_prefix, decode
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype `name` stands for on `device` ("auto": bf16 where it is native)."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass
+class DlmiResult:
+    target_ids: list[int]
+    prompt_ids: list[int]
+    prompt_text: str
+    output_ids: list[int]  # greedy continuation of [BOS] + prompt, len(target) tokens
+    output_text: str
+    exact_match: bool
+    lcs_ratio: float  # honest: LCS(output, target) / len(target)
+    # Paper-style LCS of the teacher-forced argmax: of the soft pass at the last relaxed step (mean over
+    # the Gumbel samples), or of the current discrete prompt during a swap search.
+    soft_lcs_ratio: float
+    steps: int
+    seconds: float  # wall time of its batch until this target stopped
+    # LCS(prompt, target) / len(target): near 1 when the prompt simply contains the target (copying).
+    prompt_target_lcs: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StepStats:
+    loss: torch.Tensor  # [B] relaxed: mean teacher-forced CE; search: rank key; nan where no step
+    tau: torch.Tensor  # [B] mean temperature (nan for methods without one)
+    soft_lcs: torch.Tensor  # [B] paper-style LCS of this step (search: of the current prompt)
+    phase: str  # "relaxed", "refine", "gcg", "reinforce"
+
+
+def validate_targets(loaded, targets: Sequence[Sequence[int]], config) -> None:
+    """Raise InversionError for inputs the optimisation cannot handle."""
+    config.validate()
+    if len(targets) == 0:
+        raise InversionError("no targets given: pass at least one target token sequence")
+    prefix = len(context_prefix(loaded.bos_id, config.prepend_bos))
+    for i, ids in enumerate(targets):
+        check_ids(list(ids), loaded.vocab_size, f"target {i}")
+        total = prefix + config.prompt_length + len(ids)
+        if loaded.max_positions is not None and total > loaded.max_positions:
+            raise InversionError(
+                f"target {i}: BOS + prompt + target is {total} tokens, more than the model context of "
+                f"{loaded.max_positions}: use a shorter prompt_length or target"
+            )
+
+
+def target_seed(seed: int, key: object) -> int:
+    """A per-target seed that does not depend on the target's place in its batch."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def on_model_device(method):
+    """Run a batch method with tensor factories on the model's device (see `TargetBatch.on_device`)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.on_device():
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+@torch.no_grad()
+def greedy_decode(model: nn.Module, input_ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[B, num_tokens] greedy continuation (no sampling, no early stop at EOS), with a KV cache."""
+    out = model(input_ids=input_ids, use_cache=True)
+    tokens = [out.logits[:, -1].argmax(-1)]
+    for _ in range(num_tokens - 1):
+        out = model(input_ids=tokens[-1][:, None], past_key_values=out.past_key_values, use_cache=True)
+        tokens.append(out.logits[:, -1].argmax(-1))
+    return torch.stack(tokens, 1)
+
+
+def anchor_ids(tokenizer, anchors: Sequence[str]) -> list[int]:
+    """The anchors that are single tokens, else [EOS] (else [0])."""
+    ids = []
+    for text in anchors:
+        encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(encoded) == 1 and int(encoded[0]) not in ids:
+            ids.append(int(encoded[0]))
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return ids or [int(eos) if eos is not None else 0]
+
+
+def repeat_prompt(target: list[int], length: int, anchor: int) -> list[int]:
+    """A prompt that asks for the target by repetition: `anchor t1 t2 ... anchor` (induction copying)."""
+    if length == 1:
+        return [anchor]
+    if len(target) >= length - 2:
+        return [anchor] + target[: length - 2] + [anchor]
+    unit = [anchor] + target
+    return (unit * (length // len(unit) + 1) + [anchor])[-length:]
+
+
+class TargetBatch(nn.Module):
+    """A batch of targets, stepped together by a method's `step()`; `check()` decodes greedily from
+    each running target's discrete prompt, keeps the best one and stops targets that match.
+    `state_dict()` covers every buffer and (through `get_extra_state`) the generators."""
+
+    phase = "search"
+
+    def __init__(self, loaded, targets: Sequence[Sequence[int]], config, keys: Sequence[object] | None = None):
+        super().__init__()
+        validate_targets(loaded, targets, config)
+        self.loaded, self.config = loaded, config
+        with self.on_device():  # every tensor of the batch lives on the model's device
+            self.keys = [tuple(int(i) for i in t) for t in targets] if keys is None else list(keys)
+            B, N = len(targets), config.prompt_length
+            self.lengths = [len(t) for t in targets]
+            M = max(self.lengths)
+            padded = torch.zeros(B, M, dtype=torch.long)
+            for b, t in enumerate(targets):
+                padded[b, : len(t)] = torch.tensor([int(i) for i in t])
+            self.register_buffer("target_ids", padded)
+            self.register_buffer("target_mask", torch.arange(M)[None] < torch.tensor(self.lengths)[:, None])
+            self.prefix = context_prefix(loaded.bos_id, config.prepend_bos)
+            self.generators = [torch.Generator(device=self.device).manual_seed(target_seed(config.seed, k))
+                               for k in self.keys]
+            self.register_buffer("steps", torch.zeros(B, dtype=torch.long))
+            self.register_buffer("done", torch.zeros(B, dtype=torch.bool))  # exact match found: frozen
+            self.register_buffer("exact_due", torch.zeros(B, dtype=torch.bool))  # teacher forcing says exact: check
+            # Tokens a discrete search may put in, per target (special tokens, copy rules).
+            self.register_buffer("allowed", self._allowed_tokens(), persistent=False)
+            self.register_buffer("best_prompt", torch.zeros(B, N, dtype=torch.long))
+            self.register_buffer("best_output", torch.zeros(B, M, dtype=torch.long))
+            self.register_buffer("checked", torch.full((B, N), -1, dtype=torch.long))  # last prompt checked
+            self.register_buffer("best_lcs", torch.full((B,), -1.0))
+            self.register_buffer("soft_lcs", torch.zeros(B))
+            self.register_buffer("seconds", torch.zeros(B, dtype=torch.float64))
+            self._started = time.perf_counter()
+
+    # ----- basics -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self._embeddings.device
+
+    def on_device(self):
+        """Tensor factories inside default to the model's device (nothing to do on CPU)."""
+        return contextlib.nullcontext() if self.device.type == "cpu" else torch.device(self.device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.target_ids.shape[0]
+
+    def active(self) -> torch.Tensor:
+        """Indices of targets still running (not matched, steps left)."""
+        return torch.nonzero(~self.done & (self.steps < self.config.num_steps)).flatten()
+
+    @property
+    def finished(self) -> bool:
+        return len(self.active()) == 0
+
+    def target(self, b: int) -> torch.Tensor:
+        return self.target_ids[b, : self.lengths[b]]
+
+    def discrete_prompts(self) -> torch.Tensor:
+        """[B, N] the prompt each target would return now."""
+        raise NotImplementedError
+
+    def step(self) -> StepStats:
+        """One optimisation step for every running target."""
+        raise NotImplementedError
+
+    def _stats(self, phase: str) -> StepStats:
+        B = self.batch_size
+        return StepStats(torch.full((B,), math.nan), torch.full((B,), math.nan), self.soft_lcs.clone(), phase)
+
+    def _finish_step(self, idx: torch.Tensor) -> None:
+        """Count the step; candidates are exact checks, so a flagged match is confirmed by greedy decoding now."""
+        if self.exact_due.any():
+            self.check(only=self.exact_due.clone())
+            self.exact_due[:] = False
+        self.steps[idx] += 1
+        self.seconds[idx] = time.perf_counter() - self._started
+
+    # ----- model pieces -------------------------------------------------------------------------
+    @property
+    def _embeddings(self) -> torch.Tensor:
+        return self.loaded.model.get_input_embeddings().weight
+
+    def _autocast(self):
+        dtype = resolve_dtype(self.config.compute_dtype, self._embeddings.device)
+        return torch.autocast(self._embeddings.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def _target_logits(self, prompt_emb: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits [R, M, V] for prompt embeddings [R, N, d] and target rows [R]."""
+        E = self._embeddings
+        R, N = prompt_emb.shape[:2]
+        M = self.target_ids.shape[1]
+        parts = [E[torch.tensor(self.prefix, dtype=torch.long)].expand(R, -1, -1)] if self.prefix else []
+        parts += [prompt_emb, E[self.target_ids[rows, :-1]]]
+        x = torch.cat([p.to(prompt_emb.dtype) for p in parts], 1)
+        hidden = self.loaded.model.base_model(inputs_embeds=x, use_cache=False).last_hidden_state
+        start = len(self.prefix) + N - 1
+        # Only the M target positions need vocabulary logits: slice before the lm head. The slice is
+        # made contiguous first: on CPU a strided input makes the head's matmul ~9x slower (measured).
+        return self.loaded.model.get_output_embeddings()(hidden[:, start : start + M].contiguous())
+
+    def _token_losses(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """[R] mean cross-entropy over each row's real (unpadded) target tokens."""
+        R, M, V = logits.shape
+        ce = F.cross_entropy(logits.float().reshape(R * M, V), self.target_ids[rows].reshape(-1), reduction="none")
+        mask = self.target_mask[rows].float()
+        return (ce.view(R, M) * mask).sum(1) / mask.sum(1)
+
+    def _lcs_rows(self, predictions: torch.Tensor, rows: torch.Tensor) -> list[float]:
+        out = []
+        for pred, r in zip(predictions.tolist(), rows.tolist()):
+            n = self.lengths[r]
+            out.append(lcs_ratio(pred[:n], self.target_ids[r, :n].tolist()))
+        return out
+
+    # ----- discrete search pieces ---------------------------------------------------------------
+    def _allowed_tokens(self) -> torch.Tensor:
+        """[B, V] bool: the tokens each target's swap search may use."""
+        c, tok, V = self.config, self.loaded.tokenizer, self.loaded.vocab_size
+        base = allowed_tokens(tok, V, c.allow_non_ascii).clone()
+        special = [i for i in (getattr(tok, "all_special_ids", None) or []) if 0 <= i < V]
+        base[special] = False
+        if int(base.sum()) < 2:
+            raise InversionError("fewer than 2 tokens are allowed in swaps: set allow_non_ascii to true")
+        rows = []
+        for b, n in enumerate(self.lengths):
+            row = base.clone()
+            if c.forbid_target_tokens:
+                row &= ~forbidden_for_target(tok, V, self.target_ids[b, :n].tolist())
+            rows.append(row)
+        return torch.stack(rows)
+
+    @property
+    def copy_limit(self) -> float:
+        """The largest LCS(prompt, target) / M a search accepts (the copy seed opts out)."""
+        return 1.0 if self.config.init == "repeat" else self.config.max_prompt_target_lcs
+
+    def _random_prompt(self, b: int) -> torch.Tensor:
+        """Random allowed tokens for target b, drawn from its generator, within the copy limit."""
+        choices = torch.nonzero(self.allowed[b]).flatten()
+        target = self.target(b).tolist()
+        for _ in range(100):
+            prompt = choices[torch.randint(len(choices), (self.config.prompt_length,), generator=self.generators[b])]
+            if search.lcs_length(prompt.tolist(), target) <= self.copy_limit * len(target):
+                break
+        return prompt
+
+    def _scorer(self) -> search.PromptScorer:
+        if getattr(self, "_prompt_scorer", None) is None:
+            self._prompt_scorer = search.PromptScorer(self.loaded.model, self.prefix, self.config.share_prefix)
+        return self._prompt_scorer
+
+    def _swap_search(self, b: int, prompt: torch.Tensor, options: search.SwapOptions,
+                     seeds: torch.Tensor | None = None) -> search.SwapSearch:
+        return search.SwapSearch(self._scorer(), self.target(b), self.allowed[b], prompt, options,
+                                 self.generators[b], self.loaded.tokenizer, seeds,
+                                 functools.partial(self._random_prompt, b))
+
+    # ----- honest check -------------------------------------------------------------------------
+    @torch.no_grad()
+    @on_model_device
+    def check(self, only: torch.Tensor | None = None) -> list[DlmiResult]:
+        """Greedy-decode from each running target's discrete prompt (or only those in the [B] mask
+        `only`); keep the best; stop exact matches."""
+        prompts = self.discrete_prompts()
+        # A prompt already checked decodes the same way: skip it.
+        todo = ~self.done & (prompts != self.checked).any(1)
+        idx = torch.nonzero(todo if only is None else todo & only).flatten()
+        self.checked[idx] = prompts[idx]
+        if len(idx):
+            prompts = prompts[idx]
+            prefix = torch.tensor(self.prefix, dtype=torch.long).expand(len(idx), -1)
+            # The honest check decodes in the model's own dtype, also under a trainer's mixed precision.
+            with torch.autocast(self._embeddings.device.type, enabled=False):
+                outputs = greedy_decode(self.loaded.model, torch.cat([prefix, prompts], 1), self.target_ids.shape[1])
+            for a, b in enumerate(idx.tolist()):
+                n = self.lengths[b]
+                out, tgt = outputs[a, :n].tolist(), self.target_ids[b, :n].tolist()
+                score = lcs_ratio(out, tgt)
+                if score >= float(self.best_lcs[b]) or not self.config.keep_best:  # ties: the newer prompt
+                    self.best_lcs[b], self.best_prompt[b] = score, prompts[a]
+                    self.best_output[b] = outputs[a]
+                self.seconds[b] = time.perf_counter() - self._started
+                if out == tgt:
+                    self.done[b] = True
+                    self.best_lcs[b], self.best_prompt[b], self.best_output[b] = 1.0, prompts[a], outputs[a]
+        return [self.result(b) for b in range(self.batch_size)]
+
+    def result(self, b: int) -> DlmiResult:
+        n, tok = self.lengths[b], self.loaded.tokenizer
+        prompt, output = self.best_prompt[b].tolist(), self.best_output[b, :n].tolist()
+        target = self.target_ids[b, :n].tolist()
+        return DlmiResult(target_ids=target, prompt_ids=prompt, prompt_text=decode(tok, prompt),
+                          output_ids=output, output_text=decode(tok, output), exact_match=output == target,
+                          lcs_ratio=max(0.0, float(self.best_lcs[b])), soft_lcs_ratio=float(self.soft_lcs[b]),
+                          steps=int(self.steps[b]), seconds=float(self.seconds[b]),
+                          prompt_target_lcs=lcs_ratio(prompt, target))
+
+    # ----- checkpointing ------------------------------------------------------------------------
+    # Extra state travels with nn.Module.state_dict(), also when this batch is a submodule, so a
+    # checkpoint resumes the noise exactly; subclasses add their optimizer.
+    def get_extra_state(self) -> dict:
+        return {"generators": [g.get_state() for g in self.generators]}
+
+    def set_extra_state(self, state: dict) -> None:
+        for g, s in zip(self.generators, state["generators"]):
+            g.set_state(s)
+        self._started = time.perf_counter() - float(self.seconds.max())  # buffers are loaded first
