@@ -284,9 +284,13 @@ def _other_value(name: str, default):
     return "repeat" if name == "init" else "gcg" if name == "method" else "ce", None
 
 
-def test_every_dlmi_config_field_is_a_flat_cli_option(tmp_path, tiny_llama_dir, capsys):
+def test_every_dlmi_config_field_is_a_flat_cli_option(tmp_path, tiny_llama_dir, capsys, monkeypatch):
     """`--model.X` sets each BaselineConfig field (the DlmiModule signature comes from the dataclass)."""
+    import sys
+
     import yaml
+
+    monkeypatch.setattr(sys, "argv", ["lit-inversion"])  # pytest's own arguments are not the CLI's
 
     from lit_inversion.cli import main
     from lit_inversion.dlmi.baselines import BaselineConfig
