@@ -51,8 +51,13 @@ def first_position_table(probe: LayerProbe, prefix: list[int], batch_size: int =
             rows.append(states[:, 0].to(TABLE_DTYPE))
         table = torch.cat(rows)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # ranks may build the same table at once
-        torch.save(table.cpu(), tmp)
-        tmp.replace(path)
+        save_cached(table.cpu(), path)
     return table
+
+
+def save_cached(obj, path) -> None:
+    """torch.save to a temporary name, then rename: ranks of a distributed run may build the same file at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    tmp.replace(path)

@@ -12,13 +12,12 @@ is ~50 (the prior's ~20, the table's ~850), and the better of the map and the pr
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from lit_inversion.models import cache_dir
-from lit_inversion.sipit.table import cache_key
+from lit_inversion.sipit.table import cache_key, save_cached
 from lit_inversion.states import LayerProbe, check_finite
 
 MAP_SAMPLES = 16384  # states in the fit: 512 contexts of 32 random tokens (~40 s once at layer 30 on 2 cores)
@@ -70,8 +69,5 @@ def learned_token_map(probe: LayerProbe, prefix: list[int], samples: int = MAP_S
     weight = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype, device=gram.device), x.T @ target)
     token_map = StateTokenMap(mean.float(), scale.float(), weight.float())
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # ranks may build the same map at once
-        torch.save({k: v.cpu() for k, v in vars(token_map).items()}, tmp)
-        tmp.replace(path)
+        save_cached({k: v.cpu() for k, v in vars(token_map).items()}, path)
     return token_map
