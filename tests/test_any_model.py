@@ -139,3 +139,19 @@ def test_float16_screen_and_chains_fall_back_beyond_float16s_range(tiny_models):
             for block in blocks:
                 block.mlp.down_proj.weight.div_(1e8)
     assert result.recovered_ids == ids and all(result.verified)
+
+
+def test_a_model_that_overflows_for_every_candidate_is_a_clear_error(tiny_models):
+    loaded = tiny_models["llama-untied"]
+    blocks = loaded.model.model.layers
+    with torch.no_grad():  # float32 overflows: every candidate's state is inf or NaN
+        for block in blocks:
+            block.mlp.down_proj.weight.mul_(1e30)
+    try:
+        with pytest.raises(InversionError, match="no candidate at position 0 had a finite distance"):
+            invert_hidden_states(torch.randn(2, 32), model=loaded, layer=4, use_table=False, token_map=False,
+                                 lm_prior=False, max_candidates=16)
+    finally:
+        with torch.no_grad():
+            for block in blocks:
+                block.mlp.down_proj.weight.div_(1e30)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lit_inversion.errors import InversionError
 from lit_inversion.sipit.config import SipItConfig, check_capture_dtype
 from lit_inversion.sipit.index import TokenIndex
 from lit_inversion.sipit.policies import Policy, make_policy
@@ -134,6 +135,11 @@ def _invert(probe, targets, prefix, config, true_ids, table, on_position, captur
             if ids.numel() == 0:
                 break
             accepted = search.accepted(ids, search.verify(ids))
+        if accepted is None and search.best_id is None:
+            raise InversionError(
+                f"no candidate at position {t} had a finite distance to the target ({search.num_tested} tested): "
+                f"the model's layer-{probe.layer} states overflow or are NaN for every candidate; load the model "
+                f"in float32 (or check the target states for NaN/inf)")
         token, distance = accepted if accepted is not None else (search.best_id, search.best_distance)
         result.recovered_ids.append(int(token))
         result.distances.append(distance)
