@@ -273,10 +273,10 @@ def test_token_map_ranks_a_random_prompts_tokens_and_is_cached(tiny_llama, test_
         states = probe.states(ids, [1])
         index = TokenIndex(probe.embedding.weight, None, token_map)
         ranks = [int((index.map_top(s, tiny_llama.vocab_size) == t).nonzero()) for s, t in zip(states, ids)]
-        cached = sorted((test_cache / "tables").glob("map2048x32-*-layer2.pt"))
+        cached = sorted((test_cache / "tables").glob("map2048x32ce*-layer2.pt"))
         again = learned_token_map(probe, [1], samples=2048)
-    # Chance would put the median rank near vocab / 2; the map reads the token off the state.
-    assert sorted(ranks)[len(ranks) // 2] < tiny_llama.vocab_size // 20, ranks
+    # Chance would put the median rank near vocab / 2; the map reads the token off the state, mostly first.
+    assert sorted(ranks)[len(ranks) // 2] == 0 and max(ranks) < tiny_llama.vocab_size // 10, ranks
     assert len(cached) == 1
     torch.testing.assert_close(again.weight, token_map.weight)
 

@@ -1,13 +1,17 @@
-"""A state->token map learned once per (model, layer, prefix): a ridge regression from a layer's state
-to the embedding of the token at that position, fit on random-token contexts and cached on disk.
+"""A state->token map learned once per (model, layer, prefix): from a layer's state to the embedding of
+the token at that position, fit on random-token contexts and cached on disk.
 
 Deep layers are where the first-position table stops ranking well (context moves the state far from its
 context-free value) and where the LM prior misses the first rare word of a sentence. The current token
 stays linearly readable from the residual stream, so the map ranks the whole vocabulary for one matvec.
-Measured on the default model at layer 30, on held-out natural sentences: the true token's median rank
-is ~50 (the prior's ~20, the table's ~850), and the better of the map and the prior has a mean rank of
-~220 where the prior alone has ~2,800. Random-token contexts generalise better than model-sampled text
-(mean rank 2,250 against 8,100 on natural sentences) and cost no generation.
+
+The fit is a ridge regression (closed form), then a few epochs of a sampled-softmax cross-entropy over
+the cosines to the unit embeddings: the ranking itself is what the search uses, and regressing onto the
+embedding weighs every embedding direction alike. Measured on the default model at layer 30, on
+sentences and random prompts of my own (156 positions): the true token's median rank fell from 84 to 2,
+and the share of positions with the true token in the top 64 from 48% to 82% (natural text 94/120,
+random tokens 35/36), for ~25 s more once. Random-token contexts generalise better than model-sampled
+text (ridge: mean rank 2,250 against 8,100 on natural sentences) and cost no generation.
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ from lit_inversion.states import LayerProbe, check_finite
 MAP_SAMPLES = 16384  # states in the fit: 512 contexts of 32 random tokens (~40 s once at layer 30 on 2 cores)
 MAP_CONTEXT = 32
 MAP_RIDGE = 1e-3  # relative to the mean diagonal of the (standardised) Gram matrix
+# The ranking fine-tune: more epochs over 16k samples overfit (the held-out tail grew after ~4); a
+# sampled softmax over 8,192 random tokens ranked as well as the full one, at a cost independent of |V|.
+MAP_EPOCHS = 4
+MAP_NEGATIVES = 8192
+MAP_BATCH = 512
 
 
 @dataclass
@@ -43,7 +52,7 @@ class StateTokenMap:
 def learned_token_map(probe: LayerProbe, prefix: list[int], samples: int = MAP_SAMPLES, context: int = MAP_CONTEXT,
                       batch_size: int = 16, cache: bool = True, seed: int = 0) -> StateTokenMap:
     """The layer's state->token map, fit on `samples` states of random-token contexts after `prefix`."""
-    path = cache_dir() / "tables" / cache_key(probe, prefix, f"map{samples}x{context}")
+    path = cache_dir() / "tables" / cache_key(probe, prefix, f"map{samples}x{context}ce{MAP_EPOCHS}")
     if cache and path.is_file():
         return StateTokenMap(**torch.load(path, map_location=probe.device))
     vocab = probe.embedding.weight.shape[0]
@@ -67,7 +76,36 @@ def learned_token_map(probe: LayerProbe, prefix: list[int], samples: int = MAP_S
     ridge = MAP_RIDGE * gram.diagonal().mean()
     target = probe.embedding.weight.detach().double()[y]
     weight = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype, device=gram.device), x.T @ target)
-    token_map = StateTokenMap(mean.float(), scale.float(), weight.float())
+    weight = _fit_ranking(x.float(), y, weight.float(), probe.embedding.weight.detach().float(), generator)
+    token_map = StateTokenMap(mean.float(), scale.float(), weight)
     if cache:
         save_cached({k: v.cpu() for k, v in vars(token_map).items()}, path)
     return token_map
+
+
+def _fit_ranking(x: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor, embedding: torch.Tensor,
+                 generator: torch.Generator) -> torch.Tensor:
+    """`weight` fine-tuned so that the cosine of the mapped state to each unit embedding ranks the true
+    token first: a cross-entropy over the batch's tokens and MAP_NEGATIVES random ones."""
+    unit = embedding / embedding.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+    vocab, device = unit.shape[0], unit.device
+    tokens = tokens.to(device)
+    weight = weight.clone().requires_grad_(True)
+    log_scale = torch.tensor(3.0, device=device, requires_grad=True)  # the softmax's inverse temperature
+    optimizer = torch.optim.Adam([weight, log_scale], lr=1e-3)
+    lookup = torch.full((vocab,), -1, dtype=torch.long, device=device)
+    with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        for _ in range(MAP_EPOCHS):
+            for rows in torch.randperm(len(x), generator=generator).to(device).split(MAP_BATCH):
+                y = tokens[rows]
+                negatives = torch.randint(0, vocab, (MAP_NEGATIVES,), generator=generator).to(device)
+                candidates = torch.unique(torch.cat([y, negatives]))
+                lookup[candidates] = torch.arange(len(candidates), device=device)
+                mapped = x[rows] @ weight
+                mapped = mapped / mapped.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+                logits = log_scale.exp() * mapped @ unit[candidates].T
+                loss = torch.nn.functional.cross_entropy(logits, lookup[y])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    return weight.detach()
