@@ -124,7 +124,8 @@ def _invert(probe, targets, prefix, config, true_ids, table, on_position, captur
         search = PositionSearch(probe, cache, position, targets[t].to(device), config, index, generator,
                                 keep_states=policy.needs_states, capture_dtype=capture_dtype,
                                 verifier=(verifier_probe, low_cache) if low else (probe, cache),
-                                prior=prior.probs if prior is not None else None)
+                                prior=prior.probs if prior is not None else None,
+                                prior_is_free=isinstance(prior, LensPrior))
         search.position_is_first = t == 0
         policy.reset(search)
         accepted: tuple[int, float] | None = None

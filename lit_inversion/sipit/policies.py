@@ -3,8 +3,8 @@
 * `random`: brute force, a seeded random permutation of the vocabulary.
 * `gradient`: the guided policy, which merges several rankings into each batch:
   - the LM prior: the model's own next-token distribution given the recovered prefix, best first
-    (half of the first batch at a position, `prior_share` of later ones, within its `prior_mass` nucleus;
-    in the first quarter of the model it joins only after the table's first batch missed);
+    (`prior_share` of every batch, within its `prior_mass` nucleus; it joins the first batch only at
+    the last layer, where it costs no forward, and elsewhere only after the first batch missed);
   - the learned state->token map (sipit/token_map.py): a share of the first batch and `map_share` of
     later ones, while its top-`map_top` list lasts (in the first quarter of the model it waits for a
     miss, as the prior does); it is what ranks deep layers, where the table drifts;
@@ -73,9 +73,12 @@ class GradientPolicy(Policy):
         self.map_order: torch.Tensor | None = None
         self.map_asked = not (self.config.token_map and search.index.token_map is not None) or (
             self.table_is_exact and self.table_order is not None)
-        # The prior costs one full-model forward; in the first quarter of the model the table's first
-        # batch nearly always hits (and costs less), so there the prior waits for a miss.
-        self.prior_wait = 0 if 4 * search.probe.layer >= search.probe.loaded.num_layers else 1
+        # Except at the last layer (where the lens gives it for free) the prior costs a full-model
+        # forward, about what the first batch costs at layer 15, and the map's and table's first batch
+        # nearly always hits: there it waits for a miss.
+        self.prior_wait = 0 if search.prior_is_free else 1
+        # In the first quarter of the model the table's first batch nearly always hits: the map waits too.
+        self.map_wait = 0 if 4 * search.probe.layer >= search.probe.loaded.num_layers else 1
         self.prior_asked = not self.config.lm_prior or (self.table_is_exact and self.table_order is not None)
 
     def _prior_order(self, search) -> torch.Tensor | None:
@@ -92,9 +95,9 @@ class GradientPolicy(Policy):
         if self.table_is_exact and self.table_order is not None:
             return _untested_in_order(self.table_order, search.tested, k)
         taken = search.tested.clone()  # tested, or already in this batch
-        first = self.batches <= self.prior_wait
+        first = self.batches <= max(self.prior_wait, self.map_wait)
         prior_order = self._prior_order(search)
-        if not self.map_asked and self.batches >= self.prior_wait:  # like the prior: shallow layers wait for a miss
+        if not self.map_asked and self.batches >= self.map_wait:
             self.map_asked = True
             self.map_order = search.index.map_top(search.target, self.config.map_top)
         self.batches += 1

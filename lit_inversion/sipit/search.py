@@ -50,7 +50,7 @@ class PositionSearch:
     def __init__(self, probe: LayerProbe, cache, position: int, target: torch.Tensor, config: SipItConfig,
                  index: TokenIndex, generator: torch.Generator, *, keep_states: bool = False,
                  capture_dtype: str = "float32", verifier: tuple[LayerProbe, object] | None = None,
-                 prior: Callable[[], torch.Tensor | None] | None = None):
+                 prior: Callable[[], torch.Tensor | None] | None = None, prior_is_free: bool = False):
         self.probe = probe
         self.cache = cache
         self.position = position
@@ -63,6 +63,7 @@ class PositionSearch:
         self.position_is_first = False
         self.keep_states = keep_states  # the policy fits a surrogate on the verified states
         self._prior = prior  # computes the LM's next-token probabilities given the prefix, on demand
+        self.prior_is_free = prior_is_free  # no forward to compute it (the last layer's lens)
         self.tested = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.embedding.device)
         norm = float(self.target.norm())
         self.exact = capture_dtype == "float32"
