@@ -153,8 +153,8 @@ def test_swap_search_scores_multi_swaps_like_full_forwards(tiny):
     swap = SwapSearch(scorer, target, torch.ones(VOCAB, dtype=torch.bool), prompt,
                       SwapOptions(candidates=12, n_replace=2, window=0), torch.Generator().manual_seed(0))
     _, _, cache = scorer.with_gradient(prompt, target)
-    grad = torch.randn(5, scorer.E.shape[1], generator=torch.Generator().manual_seed(1))
-    candidates = swap._propose(grad, prompt, target)
+    gain = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(1))
+    candidates = swap._propose(lambda rows: gain[rows], prompt, target)
     assert len(candidates) == 12 and ((candidates != prompt).sum(1) == 2).all()
     keys, leads, preds = swap._score(candidates, prompt, target, cache)
     full = PromptScorer(tiny.model, [BOS], False)

@@ -111,3 +111,29 @@ def test_a_step_costs_within_3x_of_the_models_forward_and_backward(big_vocab):
     step = _median_seconds(batch.step)
     assert step <= 3.0 * reference, f"step {step:.3f} s vs forward+backward {reference:.3f} s"
     assert int(batch.steps[0]) == 4 and torch.isfinite(batch.logits).all()
+
+
+def test_swap_gains_are_computed_only_where_the_step_swaps(big_vocab):
+    """The one-hot gain is computed at the step's positions only; every candidate's new token is still
+    among the top-k of the dense [N, V] gain at its position."""
+    from lit_inversion.dlmi.search import PromptScorer, SwapOptions, SwapSearch
+
+    g = torch.Generator().manual_seed(0)
+    N, E = 6, big_vocab.model.get_input_embeddings().weight
+    prompt, target = torch.randint(3, BIG_VOCAB, (N,), generator=g), torch.tensor([5, 6, 7])
+    swap = SwapSearch(PromptScorer(big_vocab.model, [BOS]), target, torch.ones(BIG_VOCAB, dtype=torch.bool), prompt,
+                      SwapOptions(candidates=16, topk=32, positions=2), g)
+    grad = torch.randn(N, E.shape[1], generator=g)
+    asked = []
+
+    def gain(positions):
+        asked.append(positions.tolist())
+        return swap._gain(grad, positions)
+
+    candidates = swap._propose(gain, prompt, target)
+    dense = -(grad @ E.T)
+    dense[torch.arange(N), prompt] = -torch.inf  # a swap must change the token
+    assert len(asked) == 1 and len(asked[0]) == 2 and len(candidates) == 16
+    for cand in candidates:
+        (p,) = torch.nonzero(cand != prompt).flatten().tolist()
+        assert p in asked[0] and int(cand[p]) in dense[p].topk(32).indices.tolist()

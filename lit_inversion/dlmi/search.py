@@ -286,7 +286,7 @@ class SwapSearch(nn.Module):
         if int(now.lead[0]) == n and (checked is None or not torch.equal(checked, prompt)):
             return SwapStep(float(now.key[0]), n, now.pred[0], True)  # confirm before moving away
         (grad,) = torch.autograd.grad(loss.sum(), emb)
-        candidates = self._propose(grad[0], prompt, target)
+        candidates = self._propose(lambda positions: self._gain(grad[0], positions), prompt, target)
         if len(candidates) == 0:
             return self._stall(now, n)
         keys, leads, preds = self._score(candidates, prompt, target[:w], cache)
@@ -306,10 +306,17 @@ class SwapSearch(nn.Module):
             self.best_key.fill_(key)
             self.best.copy_(prompt)
 
-    def _propose(self, grad: torch.Tensor, prompt: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """[C, N] filtered candidate prompts, from the gradient [N, d] at the prompt's embeddings."""
-        o, g, E = self.options, self.generator, self.scorer.E.detach()
-        N, V = prompt.shape[0], E.shape[0]
+    def _gain(self, grad: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[P, V] the first-order gain -grad . e_v of each swap at `positions`, from the gradient [N, d] at
+        the prompt's embeddings; in E's own dtype (no [V, d] copy)."""
+        E = self.scorer.E.detach()
+        return -(grad[positions].to(E.dtype) @ E.T).float()
+
+    def _propose(self, gain: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Tensor,
+                 target: torch.Tensor) -> torch.Tensor:
+        """[C, N] filtered candidate prompts; `gain(positions)` gives the swaps' gains [P, V] there."""
+        o, g = self.options, self.generator
+        N, V = prompt.shape[0], self.allowed.shape[0]
         blocked = ~self.allowed[None].expand(N, -1).clone()
         if o.no_revisit:
             blocked |= self.tried
@@ -321,12 +328,10 @@ class SwapSearch(nn.Module):
             return prompt[None][:0]
         if o.positions:
             open_positions = open_positions[torch.randperm(len(open_positions), generator=g)][: o.positions]
-        # The first-order gain -grad . e_v of each swap, only at the positions swapped this step: a
-        # [P, V] product instead of [N, V] (at |V| = 262k as costly as an LM head over those rows),
-        # in E's own dtype (no [V, d] copy).
-        gain = -(grad[open_positions].to(E.dtype) @ E.T).float()
+        # Gains only at the positions swapped this step: a [P, V] product instead of [N, V] (at
+        # |V| = 262k each row costs as much as an LM head row).
         top = torch.zeros(N, k, dtype=torch.long)
-        top[open_positions] = gain.masked_fill(blocked[open_positions], -torch.inf).topk(k, -1).indices
+        top[open_positions] = gain(open_positions).masked_fill(blocked[open_positions], -torch.inf).topk(k, -1).indices
         if o.n_replace == 1:
             # Stratified by position (C / positions each, without repeats), so each group shares a prefix.
             per = max(1, o.candidates // len(open_positions))
