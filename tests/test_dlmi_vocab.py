@@ -91,7 +91,7 @@ def test_relax_topk_resolution(vocab, requested, used):
 def test_a_step_costs_within_3x_of_the_models_forward_and_backward(big_vocab):
     """At |V| = 262,144 a relaxed step (8 Gumbel samples, N = M = 20) uses the sparse relaxation by
     default and costs at most 3x the model's own forward-and-backward of the same 8 rows (the bar is
-    2x; 3x leaves room for a shared CPU). The paper's dense relaxation costs several times that."""
+    2x; 3x leaves room for a shared CPU)."""
     N, M, S = 20, 20, 8
     target = torch.randint(3, 96, (M,), generator=torch.Generator().manual_seed(1)).tolist()
     config = DlmiConfig(prompt_length=N, num_steps=100, gumbel_samples=S, refine_fraction=0.0,

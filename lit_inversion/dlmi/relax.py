@@ -2,7 +2,8 @@
 
 Dense (the paper's): noise, softmax and mix run over the whole vocabulary. With a large vocabulary that
 costs more than the model: on Gemma-3-270M (|V| = 262,144) the S x N x V noise, its softmax and
-p @ E with its backward made a step 1.6x the model's own forward-and-backward (measured).
+p @ E with its backward made a step 2.2-2.8x the model's own forward-and-backward of the same rows
+(sparse: 1.04-1.10x; `benchmarks/dlmi.py --step-cost`, 2-core CPU).
 
 Sparse: each position's relaxation is restricted to a support of k tokens, its top-k logits (plus the
 best discrete token found so far), so the noise and softmax are [S, N, k] and the soft embedding is
