@@ -3,6 +3,8 @@
     python benchmarks/dlmi.py --prompt-lengths 20 --steps 256 --ks 1 6 11 --per-k 1   # the CPU bar
     python benchmarks/dlmi.py --methods paper dlmi gcg gbda reinforce --gcg-width 64   # + baselines
     python benchmarks/dlmi.py --steps 2048 --per-k 5 --prompt-lengths 10 80           # the paper's protocol (GPU)
+    python benchmarks/dlmi.py --step-cost --model gemma-3-270m.gguf --prompt-lengths 20 \
+        --methods paper dlmi-relaxed dlmi --threads 2   # a step's cost vs the model's own forward+backward
 
 Methods run in the same process on the same targets: `paper` (the paper's DLMI alone,
 `DlmiConfig.paper()`: float32, learned decoupled tau, final argmax Z) is the baseline; `dlmi` is
@@ -32,7 +34,8 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable 
 from benchmarks.common import hardware
 
 from lit_inversion.dlmi.algorithm import DlmiConfig
-from lit_inversion.dlmi.baselines import invert_outputs_by_method, method_config
+from lit_inversion.dlmi.algorithm import greedy_decode
+from lit_inversion.dlmi.baselines import invert_outputs_by_method, make_batch, method_config
 from lit_inversion.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
     "paper": lambda args, **kw: DlmiConfig.paper(**kw),
     "dlmi": lambda args, **kw: method_config("dlmi", **kw),
+    "dlmi-relaxed": lambda args, **kw: method_config("dlmi", refine_fraction=0.0, **kw),  # the relaxed phase alone
     "dlmi-repeat": lambda args, **kw: method_config("dlmi", init="repeat", refine_fraction=1.0, **kw),
     "gcg": lambda args, **kw: method_config("gcg", search_width=args.gcg_width, topk=args.gcg_width, **kw),
     "gbda": lambda args, **kw: method_config("gbda", **kw),
@@ -71,6 +75,103 @@ def run(loaded, targets: list[dict], config: DlmiConfig, batch_size: int) -> tup
             for t, r in zip(targets, results)], trace
 
 
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def step_cost(loaded, config: DlmiConfig, target: list[int], repeats: int = 3) -> dict:
+    """Median seconds of one optimisation step of `config` on `target`, and of the model's own
+    forward-and-backward on inputs of the same shape: [BOS] + N prompt + M - 1 target embeddings, as
+    many rows as the step differentiates (its Gumbel samples; 1 for the swap search, which then also
+    scores its candidates), vocabulary logits at the M target positions, the gradient to the inputs.
+    For a swap search, `model_share` is the fraction of the step spent in its model calls (the
+    gradient forward and backward and the candidates' forwards); the rest is the search's own work.
+    `check` is one honest check (a greedy decode of M tokens)."""
+    from lit_inversion.dlmi import search
+
+    batch = make_batch(loaded, [target], config)
+    model, E, M = loaded.model, loaded.model.get_input_embeddings().weight, len(target)
+    searching = config.refine_steps > 0 or getattr(config, "method", "dlmi") == "gcg"
+    rows = 1 if searching else config.gumbel_samples
+    prefix = [loaded.bos_id] if config.prepend_bos and loaded.bos_id is not None else []
+    ids = torch.tensor(prefix + [target[0]] * config.prompt_length + target[:-1]).expand(rows, -1)
+    labels = torch.tensor(target).repeat(rows)
+
+    def forward_backward() -> None:  # the head on a contiguous slice: HF's strided logits_to_keep is slower on CPU
+        x = E[ids].detach().requires_grad_(True)
+        hidden = model.base_model(inputs_embeds=x).last_hidden_state[:, -M:].contiguous()
+        logits = model.get_output_embeddings()(hidden)
+        torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels).backward()
+
+    reference = _median_seconds(forward_backward, repeats)
+    in_model = [0.0]
+    originals = (search.PromptScorer.with_gradient, search.PromptScorer.prompts, torch.autograd.grad)
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                in_model[0] += time.perf_counter() - start
+        return wrapper
+
+    if searching:  # count the time inside the model calls of the step
+        search.PromptScorer.with_gradient, search.PromptScorer.prompts = map(timed, originals[:2])
+        torch.autograd.grad = timed(originals[2])
+    try:
+        batch.step()  # warm-up (and the search's start)
+        in_model[0], times = 0.0, []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            batch.step()
+            times.append(time.perf_counter() - start)
+    finally:
+        search.PromptScorer.with_gradient, search.PromptScorer.prompts, torch.autograd.grad = originals
+    step = statistics.median(times)
+    start = time.perf_counter()
+    batch.check()  # the honest check (greedy decoding), run every `check_every` steps
+    check = time.perf_counter() - start
+    return dict(check=check, rows=rows, forward_backward=reference, step=step, ratio=step / reference,
+                model_share=in_model[0] / sum(times) if searching else None,
+                relax_topk=None if searching else getattr(batch, "relax_topk", 0))
+
+
+def run_step_cost(args, loaded) -> None:
+    """Print, per N and method, a step's cost against the model's own forward-and-backward."""
+    torch.manual_seed(args.seed)
+    source = torch.randint(loaded.vocab_size // 10, loaded.vocab_size // 2, (1, 5))
+    prefix = torch.tensor([[loaded.bos_id]]) if loaded.bos_id is not None else source[:, :0]
+    target = greedy_decode(loaded.model, torch.cat([prefix, source], 1), args.target_length)[0].tolist()
+    print(f"### DLMI step cost, {args.model} (|V| = {loaded.vocab_size:,}), M = {len(target)}, {hardware()}, "
+          f"torch {torch.__version__}\n")
+    print("| N | method | relaxation | rows | model forward+backward (s) | step (s) | step / forward+backward | "
+          "model calls' share of the step | honest check (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in args.prompt_lengths:
+        for name in args.methods:
+            config = METHODS[name](args, prompt_length=n, num_steps=1000, check_every=1000)
+            cost = step_cost(loaded, config, target, args.repeats)
+            relaxation = ("swap search" if cost["relax_topk"] is None else
+                          f"sparse top-{cost['relax_topk']}" if cost["relax_topk"] else "dense")
+            share = f"{cost['model_share']:.0%}" if cost["model_share"] is not None else "-"
+            print(f"| {n} | {name} | {relaxation} | {cost['rows']} | {cost['forward_backward']:.3f} | "
+                  f"{cost['step']:.3f} | {cost['ratio']:.2f}x | {share} | {cost['check']:.2f} |", flush=True)
+            rows.append(dict(N=n, method=name, relaxation=relaxation, **cost))
+    (out / "step_cost.json").write_text(json.dumps({"hardware": hardware(), "model": args.model,
+                                                    "vocab_size": loaded.vocab_size, "M": len(target),
+                                                    "rows": rows}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -85,10 +186,19 @@ def main() -> None:
     parser.add_argument("--gcg-width", type=int, default=64, help="GCG search width (nanoGCG: 512; CPU: smaller)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="runs/bench-dlmi")
+    cost = parser.add_argument_group("step cost (--step-cost): one step against the model's own forward+backward")
+    cost.add_argument("--step-cost", action="store_true",
+                      help="measure instead of inverting: per method, a step vs the model's forward+backward")
+    cost.add_argument("--repeats", type=int, default=3, help="timed steps (median) after one warm-up")
+    cost.add_argument("--target-length", type=int, default=20, help="M of the target the model decodes itself")
+    cost.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model)
+    if args.step_cost:
+        run_step_cost(args, loaded)
+        return
     rows = [json.loads(line) for line in Path(args.targets).read_text().splitlines() if line.strip()]
     if args.ids:
         by_id = {r["id"]: r for r in rows}

@@ -154,7 +154,7 @@ def test_swap_search_scores_multi_swaps_like_full_forwards(tiny):
                       SwapOptions(candidates=12, n_replace=2, window=0), torch.Generator().manual_seed(0))
     _, _, cache = scorer.with_gradient(prompt, target)
     gain = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(1))
-    candidates = swap._propose(gain, prompt, target)
+    candidates = swap._propose(lambda rows: gain[rows], prompt, target)
     assert len(candidates) == 12 and ((candidates != prompt).sum(1) == 2).all()
     keys, leads, preds = swap._score(candidates, prompt, target, cache)
     full = PromptScorer(tiny.model, [BOS], False)
@@ -321,7 +321,7 @@ def test_state_dict_resumes_exactly(tiny):
 
 
 @pytest.mark.parametrize("overrides", [dict(teacher_forcing=False), dict(temperature="shared"),
-                                       dict(compute_dtype="bfloat16")])
+                                       dict(compute_dtype="bfloat16"), dict(relax_topk=8)])
 def test_variants_lower_their_loss(tiny, overrides):
     """Each relaxed variant optimises: its loss falls from the random start (seeded noise)."""
     batch = DlmiBatch(tiny, [[5, 6, 7]], DlmiConfig(**{**FAST, **overrides, "num_steps": 40, "check_every": 100}))
@@ -344,6 +344,7 @@ def test_paper_config_turns_improvements_off():
     assert paper.prompt_length == 10 and paper.refine_steps == 0 and not paper.keep_best
     assert paper.compute_dtype == "float32" and paper.anneal_from == 1.0 and paper.straight_through_from == 1.0
     assert paper.init == "random" and paper.refine_patience == 0
+    assert paper.relax_topk == 0  # the published dense relaxation, whatever the vocabulary
 
 
 @pytest.mark.parametrize("targets, overrides, message", [
@@ -356,6 +357,7 @@ def test_paper_config_turns_improvements_off():
     ([[5, 6]], {"relaxation": "hard"}, "relaxation must be one of"),
     ([[5, 6]], {"init": "copy"}, "init must be one of random, repeat"),
     ([[5, 6]], {"refine_fraction": 1.5}, "refine_fraction is a fraction in"),
+    ([[5, 6]], {"relax_topk": -1}, "relax_topk must be 0 \\(dense\\), a positive number of tokens, or null"),
     ([], {}, "no targets given"),
 ])
 def test_bad_input_raises_inversion_error(tiny, targets, overrides, message):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from lit_inversion.dlmi import search
+from lit_inversion.dlmi import relax, search
 from lit_inversion.dlmi.batch import (DTYPES, DlmiResult, StepStats, TargetBatch, anchor_ids,  # noqa: F401
                                       greedy_decode, on_model_device, repeat_prompt, resolve_dtype,
                                       target_seed, validate_targets)
@@ -64,6 +64,10 @@ class DlmiConfig:
     anneal_from: float = 1.0  # fraction of the relaxed steps after which tau is annealed (1.0 = never)
     anneal_to: float = 0.01  # tau multiplier reached at the last relaxed step
     straight_through_from: float = 1.0  # fraction of the relaxed steps after which steps are straight-through
+    # Sparse relaxation (relax.py): each position's Gumbel softmax over its top-k logits only (plus the best
+    # discrete token). None: auto, on (k = 256) from a 100k vocabulary, where the dense one outgrows the
+    # model; 0: the dense relaxation over the whole vocabulary (the paper's).
+    relax_topk: int | None = None
     # --- the discrete swap search (search.py): the default spends every step here ---
     refine_fraction: float = 1.0  # fraction of num_steps spent on the swap search (after the relaxed phase)
     refine_candidates: int = 64  # single-token swaps scored per step, per target
@@ -94,7 +98,8 @@ class DlmiConfig:
     def paper(cls, **overrides) -> DlmiConfig:
         """The paper's method: float32, learned tau only, no refinement, final argmax Z."""
         base = cls(compute_dtype="float32", anneal_from=1.0, straight_through_from=1.0, refine_fraction=0.0,
-                   keep_best=False, init="random", refine_patience=0, max_prompt_target_lcs=1.0)
+                   keep_best=False, init="random", refine_patience=0, max_prompt_target_lcs=1.0,
+                   relax_topk=0)
         return replace(base, **overrides)
 
     @property
@@ -130,6 +135,8 @@ class DlmiConfig:
         one_of("init", INITS)
         for name in ("refine_fraction", "anneal_from", "straight_through_from"):
             need(0.0 <= getattr(self, name) <= 1.0, f"{name} is a fraction in [0, 1] (got {getattr(self, name)})")
+        need(self.relax_topk is None or self.relax_topk >= 0,
+             f"relax_topk must be 0 (dense), a positive number of tokens, or null for auto (got {self.relax_topk})")
         need(self.anneal_to > 0, f"anneal_to must be positive (got {self.anneal_to})")
         need(self.refine_patience >= 0, f"refine_patience must be 0 (off) or positive (got {self.refine_patience})")
         need(self.search_window >= 0 and self.restart_swaps >= 0 and self.margin >= 0,
@@ -172,6 +179,11 @@ class DlmiBatch(TargetBatch):
             self.searches = nn.ModuleList(
                 [self._swap_search(b, self.best_prompt[b], options, seeds[b] if c.init == "repeat" else None)
                  for b in range(B)] if c.refine_steps else [])
+
+    @property
+    def relax_topk(self) -> int:
+        """Tokens per position of the sparse relaxation; 0: dense."""
+        return relax.resolve_topk(self.config.relax_topk, self.logits.shape[-1])
 
     def swap_options(self) -> search.SwapOptions:
         """DLMI's swap search: lead-first ranking over a window, only better prompts accepted, restarts."""
@@ -257,17 +269,23 @@ class DlmiBatch(TargetBatch):
         step = int(self.steps[idx[0]])
         straight = c.relaxation == "straight_through" or step >= c.straight_through_from * c.relaxed_steps
         tau = self.tau()[idx] * self._anneal_factor(step)  # [A, N]
+        k = self.relax_topk
+        ids = None
+        if k:  # sparse: gradients reach only the gathered logits
+            ids = relax.support(self.logits[idx], k, self.best_prompt[idx])
+            z = self.logits[idx[:, None, None], torch.arange(N)[None, :, None], ids]  # [A, N, k]
+        else:
+            z = self.logits[idx]
         # Gumbel noise per target from its own generator: independent of the batch composition.
-        u = torch.stack([torch.rand(S, N, V, generator=self.generators[b]) for b in idx.tolist()])
-        g = -torch.log(-torch.log(c.eps + (0.999 - c.eps) * u))
-        p = torch.softmax((self.logits[idx, None] + g) / tau[:, None, :, None], -1).flatten(0, 1)  # [A*S, N, V]
+        g = torch.stack([relax.gumbel((S, N, k or V), self.generators[b], c.eps) for b in idx.tolist()])
+        p = relax.relaxed_one_hot(z, g, tau)  # [A, S, N, k or V]
         rows = idx.repeat_interleave(S)
         E = self._embeddings
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            soft = p @ E
+            soft = relax.mix(p, E, ids)  # [A*S, N, d]
             if straight:  # forward the hard sample, backward through the soft one
-                soft = E[p.argmax(-1)].to(soft.dtype) + soft - soft.detach()
+                soft = E[relax.hard_ids(p, ids)].to(soft.dtype) + soft - soft.detach()
             logits = self._target_logits(soft, rows) if c.teacher_forcing else self._free_running_logits(soft)
         row_loss = self._token_losses(logits, rows)  # [A*S]
         per_target = row_loss.view(len(idx), S).mean(1)

@@ -106,7 +106,9 @@ def on_model_device(method):
 @torch.no_grad()
 def greedy_decode(model: nn.Module, input_ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """[B, num_tokens] greedy continuation (no sampling, no early stop at EOS), with a KV cache."""
-    out = model(input_ids=input_ids, use_cache=True)
+    # Vocabulary logits only at the last prompt position: the others are never read (at |V| = 262k the
+    # head over the whole prompt costs as much as the rest of the prefill).
+    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
     tokens = [out.logits[:, -1].argmax(-1)]
     for _ in range(num_tokens - 1):
         out = model(input_ids=tokens[-1][:, None], past_key_values=out.past_key_values, use_cache=True)

@@ -43,17 +43,26 @@ class Scored:
     pred: torch.Tensor  # [R, w] teacher-forced argmax
 
 
-def position_losses(logits: torch.Tensor, target: torch.Tensor, objective: str, kappa: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(margin [R, w], loss [R, w]) for logits [R, w, V] and target [w]; margin < 0 iff the argmax is right."""
-    logits = logits.float()
-    at_target = logits.gather(-1, target.expand(logits.shape[0], -1)[..., None])[..., 0]
-    other = logits.scatter(-1, target.expand(logits.shape[0], -1)[..., None], -torch.inf).amax(-1)
-    margin = other - at_target
+def _margins(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(margin [R, w], target logit [R, w], argmax [R, w]) for logits [R, w, V] and target [w].
+
+    The best other logit comes from the top two: one pass over the vocabulary, no [R, w, V] copy
+    (at |V| = 262k a masked copy of the candidates' logits cost 3x as much, measured)."""
+    at_target = logits.gather(-1, target.expand(logits.shape[0], -1)[..., None])[..., 0].float()
+    values, ids = logits.topk(2, -1)
+    other = torch.where(ids[..., 0] == target, values[..., 1], values[..., 0]).float()
+    return other - at_target, at_target, ids[..., 0].detach()
+
+
+def position_losses(logits: torch.Tensor, target: torch.Tensor, objective: str,
+                    kappa: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(margin, loss, argmax), each [R, w], for logits [R, w, V] and target [w]; margin < 0 iff the argmax is right."""
+    margin, at_target, pred = _margins(logits, target)
     if objective == "ce":
-        loss = torch.logsumexp(logits, -1) - at_target
+        loss = torch.logsumexp(logits.float(), -1) - at_target
     else:
         loss = torch.relu(margin + kappa)
-    return margin, loss
+    return margin, loss, pred
 
 
 def score(logits: torch.Tensor, target: torch.Tensor, objective: str, kappa: float,
@@ -62,7 +71,7 @@ def score(logits: torch.Tensor, target: torch.Tensor, objective: str, kappa: flo
 
     The loss sums the per-position losses, the first wrong position's weighted by `first_weight`
     (it is the one the next step of the curriculum needs)."""
-    margin, loss = position_losses(logits, target, objective, kappa)
+    margin, loss, pred = position_losses(logits, target, objective, kappa)
     right = margin.detach() < 0
     lead = right.long().cumprod(1).sum(1)
     first = lead.clamp(max=target.shape[0] - 1)
@@ -70,7 +79,7 @@ def score(logits: torch.Tensor, target: torch.Tensor, objective: str, kappa: flo
     weight[torch.arange(loss.shape[0]), first] += (first_weight - 1.0) * (lead < target.shape[0]).float()
     total = (loss * weight).sum(1)
     key = (target.shape[0] - lead).double() * BIG + total.detach().double()
-    return Scored(lead, key, logits.detach().argmax(-1)), total
+    return Scored(lead, key, pred), total
 
 
 class PromptScorer:
@@ -253,17 +262,17 @@ class SwapSearch(nn.Module):
         o = self.options
         if o.rank == "lead":
             return score(logits, target, o.objective, o.margin)
-        margin, ce = position_losses(logits, target, "ce", 0.0)
+        margin, ce, pred = position_losses(logits, target, "ce", 0.0)
         lead = (margin.detach() < 0).long().cumprod(1).sum(1)
         mean = ce.mean(1)
         # A full match wins outright (nanoGCG's early stop); otherwise the mean cross-entropy.
         key = mean.detach().double() - BIG * (lead == target.shape[0]).double()
-        return Scored(lead, key, logits.detach().argmax(-1)), mean
+        return Scored(lead, key, pred), mean
 
     # ----- one step -----------------------------------------------------------------------------
     def step(self, checked: torch.Tensor | None = None) -> SwapStep:
         """One search step. `checked`: the last prompt the owner decoded greedily (no new exact flag for it)."""
-        o, target, E = self.options, self.target, self.scorer.E
+        o, target = self.options, self.target
         n = target.shape[0]
         w = n if (o.window == 0 or o.rank != "lead") else min(n, int(self.lead) + o.window)
         prompt = self.prompt.clone()
@@ -277,8 +286,7 @@ class SwapSearch(nn.Module):
         if int(now.lead[0]) == n and (checked is None or not torch.equal(checked, prompt)):
             return SwapStep(float(now.key[0]), n, now.pred[0], True)  # confirm before moving away
         (grad,) = torch.autograd.grad(loss.sum(), emb)
-        gain = -(grad[0].float() @ E.detach().float().T)  # [N, V] first-order gain of each swap
-        candidates = self._propose(gain, prompt, target)
+        candidates = self._propose(lambda positions: self._gain(grad[0], positions), prompt, target)
         if len(candidates) == 0:
             return self._stall(now, n)
         keys, leads, preds = self._score(candidates, prompt, target[:w], cache)
@@ -298,22 +306,32 @@ class SwapSearch(nn.Module):
             self.best_key.fill_(key)
             self.best.copy_(prompt)
 
-    def _propose(self, gain: torch.Tensor, prompt: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """[C, N] filtered candidate prompts."""
+    def _gain(self, grad: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[P, V] the first-order gain -grad . e_v of each swap at `positions`, from the gradient [N, d] at
+        the prompt's embeddings; in E's own dtype (no [V, d] copy)."""
+        E = self.scorer.E.detach()
+        return -(grad[positions].to(E.dtype) @ E.T).float()
+
+    def _propose(self, gain: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Tensor,
+                 target: torch.Tensor) -> torch.Tensor:
+        """[C, N] filtered candidate prompts; `gain(positions)` gives the swaps' gains [P, V] there."""
         o, g = self.options, self.generator
-        N = prompt.shape[0]
+        N, V = prompt.shape[0], self.allowed.shape[0]
         blocked = ~self.allowed[None].expand(N, -1).clone()
         if o.no_revisit:
             blocked |= self.tried
         blocked[torch.arange(N), prompt] = True  # a swap must change the token
-        gain = gain.masked_fill(blocked, -torch.inf)
-        top_gain, top = gain.topk(min(o.topk, gain.shape[-1]), -1)  # [N, k]
-        finite = torch.isfinite(top_gain).sum(1)  # usable tokens per position
+        k = min(o.topk, V)
+        finite = (~blocked).sum(1).clamp(max=k)  # usable tokens per position (in its top-k)
         open_positions = torch.nonzero(finite > 0).flatten()
         if len(open_positions) == 0:
             return prompt[None][:0]
         if o.positions:
             open_positions = open_positions[torch.randperm(len(open_positions), generator=g)][: o.positions]
+        # Gains only at the positions swapped this step: a [P, V] product instead of [N, V] (at
+        # |V| = 262k each row costs as much as an LM head row).
+        top = torch.zeros(N, k, dtype=torch.long)
+        top[open_positions] = gain(open_positions).masked_fill(blocked[open_positions], -torch.inf).topk(k, -1).indices
         if o.n_replace == 1:
             # Stratified by position (C / positions each, without repeats), so each group shares a prefix.
             per = max(1, o.candidates // len(open_positions))
