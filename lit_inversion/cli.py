@@ -60,6 +60,13 @@ def main(args: list[str] | None = None) -> None:
     except InversionError as err:
         print(f"lit-inversion: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except ValueError as err:
+        # A config class that rejects a value while jsonargparse instantiates it: jsonargparse wraps our
+        # InversionError in a union-subtype report. Print the rejection, not the report's traceback.
+        if "Does not validate against any of" not in str(err):
+            raise
+        print(f"lit-inversion: error: {_one_line(str(err))} (--help lists the options)", file=sys.stderr)
+        sys.exit(2)
 
 
 # Lines of jsonargparse's report that say nothing about this error: union bookkeeping and the Optional branch.

@@ -474,10 +474,12 @@ data:
   init_args: {{targets_file: {directory / "p.txt"}}}
 """, ("prompt_length", "abc")),
         "missing-data-file": (sipit("", directory / "missing.txt"), ("missing.txt", "does not exist")),
+        # The config class itself rejects the value while jsonargparse instantiates it.
+        "out-of-range": (sipit("    map_share: 2.0\n", directory / "p.txt"), ("map_share must be in [0, 1]",)),
     }
 
 
-_CONFIG_CASES = ["invalid-yaml", "unknown-option", "wrong-type", "missing-data-file"]
+_CONFIG_CASES = ["invalid-yaml", "unknown-option", "wrong-type", "missing-data-file", "out-of-range"]
 
 
 @pytest.fixture(scope="module")
