@@ -5,6 +5,8 @@
     python benchmarks/dlmi.py --steps 2048 --per-k 5 --prompt-lengths 10 80           # the paper's protocol (GPU)
     python benchmarks/dlmi.py --step-cost --model gemma-3-270m.gguf --prompt-lengths 20 \
         --methods paper dlmi-relaxed dlmi --threads 2   # a step's cost vs the model's own forward+backward
+    python benchmarks/dlmi.py --throughput 1 4 8 --ks 1 6 11 16 --per-k 2 --steps 8 --prompt-lengths 20 \
+        --methods dlmi --threads 2   # per-target seconds per step at batch sizes 1, 4 and 8
 
 Methods run in the same process on the same targets: `paper` (the paper's DLMI alone,
 `DlmiConfig.paper()`: float32, learned decoupled tau, final argmax Z) is the baseline; `dlmi` is
@@ -172,6 +174,32 @@ def run_step_cost(args, loaded) -> None:
                                                     "rows": rows}, indent=1))
 
 
+def run_throughput(args, loaded, targets: list[dict]) -> None:
+    """Per N and method: the same targets at each batch size, as seconds per target-step (the wall time
+    over the steps all targets took), against batch size 1 in the same run."""
+    print(f"### DLMI throughput, {args.model}, {len(targets)} targets, M = 20, <= {args.steps} steps, {hardware()}\n")
+    print("| N | method | batch size | wall (s) | target-steps | s per target-step | vs batch 1 |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for n in args.prompt_lengths:
+        for name in args.methods:
+            base = None
+            for size in args.throughput:
+                config = METHODS[name](args, prompt_length=n, num_steps=args.steps)
+                start = time.perf_counter()
+                results = invert_outputs_by_method(loaded, [t["ids"] for t in targets], config, batch_size=size,
+                                                   keys=[t["id"] for t in targets])
+                wall = time.perf_counter() - start
+                steps = sum(r.steps for r in results)
+                per = wall / max(1, steps)
+                base = base or per
+                print(f"| {n} | {name} | {size} | {wall:.1f} | {steps} | {per:.3f} | {base / per:.2f}x |", flush=True)
+                rows.append(dict(N=n, method=name, batch_size=size, wall=wall, target_steps=steps, s_per_target_step=per))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps({"hardware": hardware(), "model": args.model, "rows": rows}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -192,6 +220,8 @@ def main() -> None:
     cost.add_argument("--repeats", type=int, default=3, help="timed steps (median) after one warm-up")
     cost.add_argument("--target-length", type=int, default=20, help="M of the target the model decodes itself")
     cost.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--throughput", type=int, nargs="+", default=None, metavar="B",
+                        help="measure per-target seconds per step at these batch sizes instead of the tables")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -209,6 +239,9 @@ def main() -> None:
         args.ks = sorted({t["k"] for t in targets})
     else:
         targets = [t for k in args.ks for t in [r for r in rows if r["k"] == k][: args.per_k]]
+    if args.throughput:
+        run_throughput(args, loaded, targets)
+        return
     print(f"DLMI benchmark | model {args.model} | {hardware()} | torch {torch.__version__} | "
           f"{len(targets)} targets, M = 20, {args.steps} steps", flush=True)
     methods = {name: METHODS[name] for name in args.methods}
