@@ -330,7 +330,7 @@ class SwapSearch(nn.Module):
             open_positions = open_positions[torch.randperm(len(open_positions), generator=g)][: o.positions]
         # Gains only at the positions swapped this step: a [P, V] product instead of [N, V] (at
         # |V| = 262k each row costs as much as an LM head row).
-        top = torch.zeros(N, k, dtype=torch.long)
+        top = torch.zeros(N, k, dtype=torch.long, device=blocked.device)
         top[open_positions] = gain(open_positions).masked_fill(blocked[open_positions], -torch.inf).topk(k, -1).indices
         if o.n_replace == 1:
             # Stratified by position (C / positions each, without repeats), so each group shares a prefix.

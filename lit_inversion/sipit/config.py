@@ -36,9 +36,9 @@ class SipItConfig:
     surrogate_rank: int = 128  # every other batch from a ridge fit on the verified states (0 = chains only)
     surrogate_locality: float = 1.0  # how much more verified tokens near the target weigh in that fit
     use_table: bool = True  # rank with a cached table of every token's state after the fixed prefix
-    # A ridge map from the layer's state to the token's embedding, fit once per model and layer on random
-    # contexts and cached (sipit/token_map.py): it ranks deep-layer positions the table no longer does;
-    # `map_share` of every batch after the first while its top-`map_top` list lasts.
+    # A linear map from the layer's state to the token's embedding, fit for ranking once per model and layer
+    # on random contexts and cached (sipit/token_map.py): it ranks deep-layer positions the table no longer
+    # does; `map_share` of every batch after the first while its top-`map_top` list lasts.
     token_map: bool = True
     map_share: float = 0.25
     map_top: int = 4096
