@@ -48,9 +48,26 @@ METHODS = {
     "dlmi-relaxed": lambda args, **kw: method_config("dlmi", refine_fraction=0.0, **kw),  # the relaxed phase alone
     "dlmi-repeat": lambda args, **kw: method_config("dlmi", init="repeat", refine_fraction=1.0, **kw),
     "gcg": lambda args, **kw: method_config("gcg", search_width=args.gcg_width, topk=args.gcg_width, **kw),
+    "gcg-nano": lambda args, **kw: method_config("gcg", search_width=512, topk=256, **kw),  # nanoGCG's defaults
+    # nanoGCG's defaults with the search width scaled to the CPU (--gcg-width): more steps in the same time
+    "gcg-scaled": lambda args, **kw: method_config("gcg", search_width=args.gcg_width, topk=256, **kw),
     "gbda": lambda args, **kw: method_config("gbda", **kw),
     "reinforce": lambda args, **kw: method_config("reinforce", **kw),
 }
+# The ablation: the default with one idea of the issue changed each (run them under --equal-time).
+# The relaxed-phase variants fix their own step count: 32 relaxed steps, then the search.
+RELAXED_FIRST = dict(num_steps=128, refine_fraction=0.75)
+ABLATION = {
+    "dlmi-no-curriculum": dict(search_window=0),  # score the whole target from the start
+    "dlmi-ce": dict(refine_objective="ce"),  # mean cross-entropy instead of the per-position hinge
+    "dlmi-no-restarts": dict(refine_patience=0),
+    "dlmi-acg": dict(swap_tokens=3),  # 3-token swaps annealed to 1 (ACG)
+    "dlmi-relaxed-first": dict(RELAXED_FIRST),
+    "dlmi-onehot": dict(RELAXED_FIRST, anneal_from=0.0, anneal_to=0.0005),  # tau ~100 -> ~0.05
+    "dlmi-sparse": dict(RELAXED_FIRST, relax_topk=256),
+}
+for _name, _change in ABLATION.items():
+    METHODS[_name] = lambda args, _change=_change, **kw: method_config("dlmi", **{**kw, **_change})
 
 
 def run(loaded, targets: list[dict], config: DlmiConfig, batch_size: int) -> tuple[list[dict], dict]:
@@ -72,7 +89,7 @@ def run(loaded, targets: list[dict], config: DlmiConfig, batch_size: int) -> tup
     seconds = time.perf_counter() - start
     per_step = seconds / max(1, steps_done[0])
     return [dict(id=t["id"], k=t["k"], honest=r.lcs_ratio, exact=r.exact_match, soft=r.soft_lcs_ratio,
-                 steps=r.steps, s_per_step=per_step, copied=r.prompt_target_lcs, prompt=r.prompt_text,
+                 steps=r.steps, s_per_step=per_step, seconds=r.seconds, copied=r.prompt_target_lcs, prompt=r.prompt_text,
                  output=r.output_text)
             for t, r in zip(targets, results)], trace
 
@@ -220,6 +237,10 @@ def main() -> None:
     cost.add_argument("--repeats", type=int, default=3, help="timed steps (median) after one warm-up")
     cost.add_argument("--target-length", type=int, default=20, help="M of the target the model decodes itself")
     cost.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--equal-time", type=float, default=None, metavar="SECONDS",
+                        help="every method gets this wall-clock budget per target (max_seconds); --steps stays a cap")
+    parser.add_argument("--baseline", default="paper", choices=list(METHODS),
+                        help="the method the ratio columns divide by (e.g. gcg-nano for the GCG comparison)")
     parser.add_argument("--throughput", type=int, nargs="+", default=None, metavar="B",
                         help="measure per-target seconds per step at these batch sizes instead of the tables")
     args = parser.parse_args()
@@ -243,7 +264,8 @@ def main() -> None:
         run_throughput(args, loaded, targets)
         return
     print(f"DLMI benchmark | model {args.model} | {hardware()} | torch {torch.__version__} | "
-          f"{len(targets)} targets, M = 20, {args.steps} steps", flush=True)
+          f"{len(targets)} targets, M = 20, {args.steps} steps"
+          + (f", {args.equal_time:g} s per target" if args.equal_time else ""), flush=True)
     methods = {name: METHODS[name] for name in args.methods}
     all_rows, traces = [], []
     out = Path(args.out)
@@ -252,21 +274,25 @@ def main() -> None:
     def save() -> None:  # after every method, so a long run that is stopped keeps what it measured
         (out / "dlmi.json").write_text(json.dumps({"hardware": hardware(), "model": args.model, "steps": args.steps,
                                                    "batch_size": args.batch_size, "gcg_width": args.gcg_width,
+                                                   "equal_time": args.equal_time, "targets": args.targets,
                                                    "date": datetime.datetime.now().isoformat(timespec="seconds"),
                                                    "rows": all_rows, "tau_traces": traces}, indent=1))
 
     for n in args.prompt_lengths:
         for name, make in methods.items():
-            results, trace = run(loaded, targets, make(args, prompt_length=n, num_steps=args.steps), args.batch_size)
+            budget = dict(max_seconds=args.equal_time) if args.equal_time else {}
+            results, trace = run(loaded, targets, make(args, prompt_length=n, num_steps=args.steps, **budget),
+                                 args.batch_size)
             traces.append(dict(method=name, N=n, **trace))
             for r in results:
                 r.update(method=name, N=n)
                 print(f"  N={n} {name} {r['id']}: honest={r['honest']:.2f} exact={r['exact']} soft={r['soft']:.2f} "
                       f"copied={r['copied']:.2f} "
-                      f"steps={r['steps']} {r['prompt']!r} -> {r['output']!r}", flush=True)
+                      f"steps={r['steps']} {r['seconds']:.0f}s {r['prompt']!r} -> {r['output']!r}", flush=True)
             all_rows += results
             save()
-    print(f"\n### DLMI, {args.model}, M = 20, {args.steps} steps, {hardware()}\n")
+    budget = f"{args.equal_time:g} s per target" if args.equal_time else f"{args.steps} steps"
+    print(f"\n### DLMI, {args.model}, M = 20, {budget}, {hardware()}\n")
     print("| N | method | k | honest LCS | exact | soft LCS (paper-style) | s/step | steps to success | prompt/target LCS |")
     print("|---|---|---|---|---|---|---|---|---|")
     for n in args.prompt_lengths:
@@ -278,18 +304,19 @@ def main() -> None:
                       f"{sum(r['exact'] for r in rs)}/{len(rs)} | {statistics.mean(r['soft'] for r in rs):.2f} | "
                       f"{rs[0]['s_per_step']:.2f} | {statistics.mean(wins) if wins else '-'} | "
                       f"{statistics.mean(r['copied'] for r in rs):.2f} |")
-    print("\n| N | method | honest LCS (all k) | exact | s/step | vs paper: honest LCS | vs paper: s/step |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n| N | method | honest LCS (all k) | exact | s/step | s per target | vs {args.baseline}: honest LCS | "
+          f"vs {args.baseline}: s/step |")
+    print("|---|---|---|---|---|---|---|---|")
     mean = lambda rs, key: statistics.mean(float(r[key]) for r in rs) if rs else math.nan  # noqa: E731
     ratio = lambda a, b: f"{a / b:.2f}x" if b else f"{a:.2f} vs 0"  # noqa: E731
     for n in args.prompt_lengths:
-        base = [r for r in all_rows if r["N"] == n and r["method"] == "paper"]
+        base = [r for r in all_rows if r["N"] == n and r["method"] == args.baseline]
         for name in methods:
             rs = [r for r in all_rows if r["N"] == n and r["method"] == name]
             vs = ((ratio(mean(rs, "honest"), mean(base, "honest")), ratio(mean(rs, "s_per_step"), mean(base, "s_per_step")))
                   if base else ("-", "-"))
             print(f"| {n} | {name} | {mean(rs, 'honest'):.2f} | {sum(r['exact'] for r in rs)}/{len(rs)} | "
-                  f"{mean(rs, 's_per_step'):.2f} | {vs[0]} | {vs[1]} |")
+                  f"{mean(rs, 's_per_step'):.2f} | {mean(rs, 'seconds'):.0f} | {vs[0]} | {vs[1]} |")
 
 
 if __name__ == "__main__":

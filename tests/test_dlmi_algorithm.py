@@ -168,6 +168,34 @@ SEARCH = dict(prompt_length=4, num_steps=60, check_every=4, compute_dtype="float
               refine_topk=32)
 
 
+def test_time_budget_stops_each_target_after_max_seconds(tiny):
+    """max_seconds ends a target by wall time long before num_steps, with a final honest check."""
+    target = [9, 10, 11, 12, 13, 14, 15, 16]
+    config = DlmiConfig(**{**SEARCH, "num_steps": 10**6}, max_seconds=0.5)
+    batch = DlmiBatch(tiny, [target, target[::-1]], config)
+    results = run_batch(batch)
+    for r in results:
+        assert 0 < r.steps < 10**6 and 0.5 <= r.seconds < 5.0
+    assert (batch.best_lcs >= 0).all()  # each target was decoded honestly at least once
+    assert batch.finished and (batch.checked == batch.discrete_prompts()).all()
+
+
+def test_acg_schedule_anneals_multi_token_swaps_down_to_one(tiny):
+    config = DlmiConfig(**{**SEARCH, "num_steps": 20}, swap_tokens=3)
+    batch = DlmiBatch(tiny, [[9, 10, 11, 12]], config)
+    schedule = []
+    for step in (0, 2, 5, 10, 19):
+        batch.steps[0] = step
+        schedule.append(batch._swap_tokens(0))
+    assert schedule == [3, 3, 2, 1, 1]
+    # At the start every candidate of a step changes exactly 3 positions.
+    search = batch.searches[0]
+    prompt = search.prompt.clone()
+    gain = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(1))
+    candidates = search._propose(lambda rows: gain[rows], prompt, search.target, n_replace=3)
+    assert len(candidates) > 0 and ((candidates != prompt).sum(1) == 3).all()
+
+
 def test_search_reaches_exact_match_without_copying(tiny):
     target = _reachable_target(tiny, prompt_length=4, length=5)
     (result,) = invert_outputs(tiny, [target], DlmiConfig(**SEARCH))
@@ -358,6 +386,8 @@ def test_paper_config_turns_improvements_off():
     ([[5, 6]], {"init": "copy"}, "init must be one of random, repeat"),
     ([[5, 6]], {"refine_fraction": 1.5}, "refine_fraction is a fraction in"),
     ([[5, 6]], {"relax_topk": -1}, "relax_topk must be 0 \\(dense\\), a positive number of tokens, or null"),
+    ([[5, 6]], {"max_seconds": 0}, "max_seconds must be positive, or null for no time budget"),
+    ([[5, 6]], {"swap_tokens": 5}, "swap_tokens must be between 1 and prompt_length \\(4\\)"),
     ([], {}, "no targets given"),
 ])
 def test_bad_input_raises_inversion_error(tiny, targets, overrides, message):

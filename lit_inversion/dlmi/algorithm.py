@@ -46,6 +46,9 @@ class DlmiConfig:
 
     prompt_length: int = 20  # N
     num_steps: int = 256  # relaxed steps + refinement steps
+    # Wall-clock budget per target in seconds (None: steps only): a target stops at whichever of
+    # num_steps and max_seconds it reaches first. Equal-time comparisons between methods use it.
+    max_seconds: float | None = None
     learning_rate: float = 0.1  # Adam
     tau0: float = 100.0  # tau_i = eps + tau0 * (1 + tanh(phi_i))
     eps: float = 1e-10
@@ -72,6 +75,9 @@ class DlmiConfig:
     refine_fraction: float = 1.0  # fraction of num_steps spent on the swap search (after the relaxed phase)
     refine_candidates: int = 64  # single-token swaps scored per step, per target
     refine_positions: int = 4  # prompt positions swapped per step (candidates per position share its prefix)
+    # ACG: positions changed per candidate at the search's start, annealed linearly down to 1 over the
+    # first half of the budget (steps or seconds, whichever runs out first). 1: single-token swaps only.
+    swap_tokens: int = 1
     # Swaps are drawn from the top-k tokens of the one-hot gradient. 256 (nanoGCG's), not 64: on the real
     # model the one swap that fixed a wrong first position ranked ~230th by gradient (measured).
     refine_topk: int = 256
@@ -135,6 +141,10 @@ class DlmiConfig:
         one_of("init", INITS)
         for name in ("refine_fraction", "anneal_from", "straight_through_from"):
             need(0.0 <= getattr(self, name) <= 1.0, f"{name} is a fraction in [0, 1] (got {getattr(self, name)})")
+        need(self.max_seconds is None or self.max_seconds > 0,
+             f"max_seconds must be positive, or null for no time budget (got {self.max_seconds})")
+        need(1 <= self.swap_tokens <= self.prompt_length,
+             f"swap_tokens must be between 1 and prompt_length ({self.prompt_length}) (got {self.swap_tokens})")
         need(self.relax_topk is None or self.relax_topk >= 0,
              f"relax_topk must be 0 (dense), a positive number of tokens, or null for auto (got {self.relax_topk})")
         need(self.anneal_to > 0, f"anneal_to must be positive (got {self.anneal_to})")
@@ -364,11 +374,21 @@ class DlmiBatch(TargetBatch):
             for b in idx.tolist():
                 if int(self.steps[b]) == self.config.relaxed_steps:
                     self._start_refinement(b)
-                out = self.searches[b].step(self.checked[b])
+                out = self.searches[b].step(self.checked[b], n_replace=self._swap_tokens(b))
                 self.soft_lcs[b] = lcs_ratio(out.pred.tolist(), self.target(b).tolist())
                 self.exact_due[b] = out.exact_due
                 keys.append(out.key)
         return torch.tensor(keys)
+
+    def _swap_tokens(self, b: int) -> int:
+        """ACG's schedule: `swap_tokens` positions per candidate at the search's start, 1 from half way."""
+        c = self.config
+        if c.swap_tokens == 1:
+            return 1
+        done = (int(self.steps[b]) - c.relaxed_steps) / max(1, c.refine_steps)
+        if c.max_seconds is not None:
+            done = max(done, float(self.seconds[b]) / c.max_seconds)
+        return max(1, round(c.swap_tokens - (c.swap_tokens - 1) * min(1.0, 2 * done)))
 
     # ----- checkpointing -------------------------------------------------------------------------
     def get_extra_state(self) -> dict:
@@ -388,7 +408,7 @@ def run_batch(batch: DlmiBatch, callback: Callable[[DlmiBatch, StepStats], None]
         if callback is not None:
             callback(batch, stats)
         steps = int(batch.steps.max())
-        if steps % c.check_every == 0 or steps >= c.num_steps:
+        if steps % c.check_every == 0 or steps >= c.num_steps or batch.finished:
             batch.check()
     return [batch.result(b) for b in range(batch.batch_size)]
 

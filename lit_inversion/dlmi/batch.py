@@ -188,8 +188,11 @@ class TargetBatch(nn.Module):
         return self.target_ids.shape[0]
 
     def active(self) -> torch.Tensor:
-        """Indices of targets still running (not matched, steps left)."""
-        return torch.nonzero(~self.done & (self.steps < self.config.num_steps)).flatten()
+        """Indices of targets still running (not matched, steps and seconds left)."""
+        running = ~self.done & (self.steps < self.config.num_steps)
+        if getattr(self.config, "max_seconds", None) is not None:
+            running &= self.seconds < self.config.max_seconds
+        return torch.nonzero(running).flatten()
 
     @property
     def finished(self) -> bool:

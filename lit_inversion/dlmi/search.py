@@ -270,8 +270,9 @@ class SwapSearch(nn.Module):
         return Scored(lead, key, pred), mean
 
     # ----- one step -----------------------------------------------------------------------------
-    def step(self, checked: torch.Tensor | None = None) -> SwapStep:
-        """One search step. `checked`: the last prompt the owner decoded greedily (no new exact flag for it)."""
+    def step(self, checked: torch.Tensor | None = None, n_replace: int | None = None) -> SwapStep:
+        """One search step. `checked`: the last prompt the owner decoded greedily (no new exact flag for it);
+        `n_replace`: positions changed per candidate this step (default: the options')."""
         o, target = self.options, self.target
         n = target.shape[0]
         w = n if (o.window == 0 or o.rank != "lead") else min(n, int(self.lead) + o.window)
@@ -286,7 +287,7 @@ class SwapSearch(nn.Module):
         if int(now.lead[0]) == n and (checked is None or not torch.equal(checked, prompt)):
             return SwapStep(float(now.key[0]), n, now.pred[0], True)  # confirm before moving away
         (grad,) = torch.autograd.grad(loss.sum(), emb)
-        candidates = self._propose(lambda positions: self._gain(grad[0], positions), prompt, target)
+        candidates = self._propose(lambda positions: self._gain(grad[0], positions), prompt, target, n_replace)
         if len(candidates) == 0:
             return self._stall(now, n)
         keys, leads, preds = self._score(candidates, prompt, target[:w], cache)
@@ -313,9 +314,11 @@ class SwapSearch(nn.Module):
         return -(grad[positions].to(E.dtype) @ E.T).float()
 
     def _propose(self, gain: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Tensor,
-                 target: torch.Tensor) -> torch.Tensor:
-        """[C, N] filtered candidate prompts; `gain(positions)` gives the swaps' gains [P, V] there."""
+                 target: torch.Tensor, n_replace: int | None = None) -> torch.Tensor:
+        """[C, N] filtered candidate prompts; `gain(positions)` gives the swaps' gains [P, V] there;
+        `n_replace` positions change per candidate (default: the options')."""
         o, g = self.options, self.generator
+        n_replace = n_replace or o.n_replace
         N, V = prompt.shape[0], self.allowed.shape[0]
         blocked = ~self.allowed[None].expand(N, -1).clone()
         if o.no_revisit:
@@ -332,7 +335,7 @@ class SwapSearch(nn.Module):
         # |V| = 262k each row costs as much as an LM head row).
         top = torch.zeros(N, k, dtype=torch.long, device=blocked.device)
         top[open_positions] = gain(open_positions).masked_fill(blocked[open_positions], -torch.inf).topk(k, -1).indices
-        if o.n_replace == 1:
+        if n_replace == 1:
             # Stratified by position (C / positions each, without repeats), so each group shares a prefix.
             per = max(1, o.candidates // len(open_positions))
             rows = []
@@ -345,7 +348,7 @@ class SwapSearch(nn.Module):
                     self.tried[p, pick] = True
             candidates = torch.cat(rows)
         else:
-            r = min(o.n_replace, len(open_positions))
+            r = min(n_replace, len(open_positions))
             C = o.candidates
             where = open_positions[torch.rand(C, len(open_positions), generator=g).argsort(1)[:, :r]]  # [C, r]
             index = (torch.rand(C, r, generator=g) * finite[where]).long()
