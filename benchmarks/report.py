@@ -36,6 +36,8 @@ METHOD_NAMES = {
     "gbda": "GBDA",
     "reinforce": "REINFORCE",
     "gcg": "GCG",
+    "gcg-scaled": "GCG (nanoGCG defaults, width scaled)",
+    "gcg-nano": "GCG (nanoGCG defaults, width 512)",
 }
 # Methods with a temperature worth plotting: GCG is discrete (tau 0), REINFORCE samples softmax(Z) (tau 1).
 TAU_METHODS = ("paper", "dlmi", "dlmi-repeat", "gbda")
@@ -107,11 +109,13 @@ def dlmi_budget(run: Run) -> str:
     d, rows = run.data, run.rows
     lengths = sorted({r["N"] for r in rows})
     ks = sorted({r["k"] for r in rows})
-    parts = [f"{d.get('steps', '?')} steps per target", f"N ∈ {{{', '.join(map(str, lengths))}}}",
+    budget = (f"{d['equal_time']:g} s per target (equal wall time)" if d.get("equal_time")
+              else f"{d.get('steps', '?')} steps per target")
+    parts = [budget, f"N ∈ {{{', '.join(map(str, lengths))}}}",
              f"k ∈ {{{', '.join(map(str, ks))}}}"]
     if "batch_size" in d:
         parts.append(f"batch of {d['batch_size']}")
-    if "gcg" in {r["method"] for r in rows} and "gcg_width" in d:
+    if {"gcg", "gcg-scaled"} & {r["method"] for r in rows} and "gcg_width" in d:
         parts.append(f"GCG search width {d['gcg_width']}")
     return "; ".join(parts)
 
@@ -306,7 +310,8 @@ def section_b(dlmi: Run | None, figures: FigureWriter | None) -> list[str]:
         return lines + ["_No DLMI input (`--dlmi`, written by `benchmarks/dlmi.py`): no Figure B, Table B or Figure C._", ""]
     rows = dlmi.rows
     if figures:
-        lines += [figures.add("dlmi_lcs", figure_b(figures.plt, rows, dlmi.data.get("steps")),
+        budget = f"{dlmi.data['equal_time']:g} s" if dlmi.data.get("equal_time") else f"{dlmi.data.get('steps')} steps"
+        lines += [figures.add("dlmi_lcs", figure_b(figures.plt, rows, budget),
                               "Figure B. Honest LCS ratio against difficulty k"), ""]
     lines += ["Table B. Honest LCS ratio (greedy decode from the discrete prompt, scored against the target), exact "
               "matches, and steps and seconds to success (mean over the exact matches; seconds = steps × the "
@@ -315,7 +320,7 @@ def section_b(dlmi: Run | None, figures: FigureWriter | None) -> list[str]:
     return lines + [""] + section_c(dlmi, figures)
 
 
-def figure_b(plt, rows: list[dict], steps: int | None):
+def figure_b(plt, rows: list[dict], budget: str | None):
     lengths = sorted({r["N"] for r in rows})
     methods, ks = methods_of(rows), sorted({r["k"] for r in rows})
     fig, axes = plt.subplots(1, len(lengths), figsize=(max(6.5, 4.5 * len(lengths)), 4.2), layout="constrained",
@@ -334,7 +339,7 @@ def figure_b(plt, rows: list[dict], steps: int | None):
     axes[0, 0].set_ylabel("honest LCS ratio (mean over targets)")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(methods), 6), fontsize=8)
-    fig.suptitle(f"Output inversion, {steps or '?'} steps per target", fontsize=11)
+    fig.suptitle(f"Output inversion, {budget or '?'} per target", fontsize=11)
     return fig
 
 
