@@ -124,3 +124,14 @@ class TargetPool:
             self.queue.clear()
             self._known.difference_update(t.id for t in queued)
             self.enqueue(queued)
+
+
+def run_pool(loaded, targets: Iterable[OutputTarget], config, slots: int) -> list[tuple[str, DlmiResult]]:
+    """The DLMI job's step loop without Lightning: step a pool until every target has left it;
+    (id, result) in the order the targets finished."""
+    pool = TargetPool(loaded, config, slots)
+    pool.enqueue(targets)
+    finished: list[tuple[str, DlmiResult]] = []
+    while not pool.empty:
+        finished += pool.step().finished
+    return finished
