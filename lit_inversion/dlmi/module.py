@@ -136,10 +136,10 @@ class DlmiModule(InversionJob):
             self._write_finished(name, result)
         # On the bar: the best honest LCS of the targets in the slots (as of their last checks), and
         # the targets finished and matched so far on this rank.
-        running = [float(s.batch.best_lcs[0]) for s in self.pool.running]
-        shown = {"targets": float(self.targets_done), "exact": float(self.exact_match.total)}
-        if running:
-            shown["lcs"] = max(0.0, sum(running) / len(running))
+        checked = [float(s.batch.best_lcs[0]) for s in self.pool.running if float(s.batch.best_lcs[0]) >= 0]
+        shown = {"targets": self.targets_done, "exact": int(self.exact_match.total)}
+        if checked:
+            shown["lcs"] = sum(checked) / len(checked)
         self.log_dict(shown, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
 
     def _write_finished(self, name: str, result: DlmiResult) -> None:
