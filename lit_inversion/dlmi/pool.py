@@ -8,7 +8,7 @@ targets in different phases in one batch; the swap search, the default, already 
 after another, so one batch per slot costs it nothing.)
 
 `step()` steps every occupied slot once, runs each target's honest check every `check_every` of its
-own steps and at its last step, takes out the targets that matched or ran out of steps, and hands
+own steps and at its last step (the slots due at one step in one batched greedy decode), takes out the targets that matched or ran out of steps, and hands
 their slots to the next queued targets. `state_dict()` holds every in-flight target's batch state,
 keyed by target id, so a restored pool continues each one where it was.
 """
@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+import torch
 
 from lit_inversion.dlmi.algorithm import DlmiResult
 from lit_inversion.dlmi.baselines import make_batch
@@ -92,19 +94,19 @@ class TargetPool:
     def step(self) -> PoolStep:
         """One optimisation step of every occupied slot; stopped targets leave, queued ones take their slots."""
         self.fill()
-        c, out = self.config, PoolStep()
-        for i, slot in enumerate(self.slots):
-            if slot is None:
-                continue
+        c, out, due = self.config, PoolStep(), []
+        for slot in self.running:
             stats = slot.batch.step()
             out.stepped.append(slot.target.id)
             out.loss.append(float(stats.loss[0]))
             out.tau.append(float(stats.tau[0]))
             out.soft_lcs.append(float(stats.soft_lcs[0]))
-            steps = slot.steps
-            if steps % c.check_every == 0 or steps >= c.num_steps:
-                out.checked.append((slot.target.id, slot.batch.check()[0]))
-            if slot.batch.finished:  # matched (a candidate's exact check, or the honest check) or out of steps
+            if slot.steps % c.check_every == 0 or slot.steps >= c.num_steps or slot.batch.finished:
+                due.append(slot)
+        check_together([s.batch for s in due])
+        out.checked = [(s.target.id, s.batch.result(0)) for s in due]
+        for i, slot in enumerate(self.slots):
+            if slot is not None and slot.batch.finished:  # matched, or out of steps (or seconds)
                 out.finished.append((slot.target.id, slot.batch.result(0)))
                 self.slots[i] = None
         self.fill()
@@ -124,6 +126,21 @@ class TargetPool:
             self.queue.clear()
             self._known.difference_update(t.id for t in queued)
             self.enqueue(queued)
+
+
+def check_together(batches: list[TargetBatch]) -> None:
+    """The honest checks of several slots in one batched greedy decode (one decode costs about as much
+    as a few on a CPU: it is bound by reading the weights), then each batch scores its own rows."""
+    due = [(batch, *batch.due_prompts()) for batch in batches]
+    due = [(batch, idx, prompts) for batch, idx, prompts in due if len(idx)]
+    if not due:
+        return
+    longest = max(batch.target_ids.shape[1] for batch, _, _ in due)
+    outputs = due[0][0].decode(torch.cat([prompts for _, _, prompts in due]), longest)
+    start = 0
+    for batch, idx, prompts in due:
+        batch.take_outputs(idx, prompts, outputs[start : start + len(idx)])
+        start += len(idx)
 
 
 def run_pool(loaded, targets: Iterable[OutputTarget], config, slots: int) -> list[tuple[str, DlmiResult]]:
