@@ -281,7 +281,9 @@ def _other_value(name: str, default):
         return str(default / 2 + 0.1), default / 2 + 0.1
     if isinstance(default, tuple):
         return '[".", "x"]', [".", "x"]
-    if default is None:  # the optional ones: gcg_batch_size and relax_topk (int), fill_token (str)
+    if default is None:  # the optional ones: gcg_batch_size and relax_topk (int), max_seconds (float), fill_token (str)
+        if name == "max_seconds":
+            return "2.5", 2.5
         return ("3", 3) if name in ("gcg_batch_size", "relax_topk") else ("x", "x")
     return "repeat" if name == "init" else "gcg" if name == "method" else "ce", None
 
