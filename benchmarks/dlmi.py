@@ -38,6 +38,8 @@ from benchmarks.common import hardware
 from lit_inversion.dlmi.algorithm import DlmiConfig
 from lit_inversion.dlmi.algorithm import greedy_decode
 from lit_inversion.dlmi.baselines import invert_outputs_by_method, make_batch, method_config
+from lit_inversion.dlmi.data import OutputTarget
+from lit_inversion.dlmi.pool import run_pool
 from lit_inversion.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,8 +194,9 @@ def run_step_cost(args, loaded) -> None:
 
 
 def run_throughput(args, loaded, targets: list[dict]) -> None:
-    """Per N and method: the same targets at each batch size, as seconds per target-step (the wall time
-    over the steps all targets took), against batch size 1 in the same run."""
+    """Per N and method: the same targets at each batch size (the job's `--data.batch_size` slots), as
+    seconds per target-step (the wall time over the steps all targets took), against batch size 1 in the
+    same run."""
     print(f"### DLMI throughput, {args.model}, {len(targets)} targets, M = 20, <= {args.steps} steps, {hardware()}\n")
     print("| N | method | batch size | wall (s) | target-steps | s per target-step | vs batch 1 |")
     print("|---|---|---|---|---|---|---|")
@@ -204,10 +207,10 @@ def run_throughput(args, loaded, targets: list[dict]) -> None:
             for size in args.throughput:
                 config = METHODS[name](args, prompt_length=n, num_steps=args.steps)
                 start = time.perf_counter()
-                results = invert_outputs_by_method(loaded, [t["ids"] for t in targets], config, batch_size=size,
-                                                   keys=[t["id"] for t in targets])
+                # The Lightning job's step loop: `size` slots, a freed slot refilled at once.
+                finished = run_pool(loaded, [OutputTarget(t["id"], t["ids"]) for t in targets], config, slots=size)
                 wall = time.perf_counter() - start
-                steps = sum(r.steps for r in results)
+                steps = sum(r.steps for _, r in finished)
                 per = wall / max(1, steps)
                 base = base or per
                 print(f"| {n} | {name} | {size} | {wall:.1f} | {steps} | {per:.3f} | {base / per:.2f}x |", flush=True)

@@ -1,7 +1,8 @@
-"""Kill-safe `last.ckpt`, written after every finished batch of targets.
+"""Kill-safe `last.ckpt`, written every few training steps and at the end of the epoch.
 
 Lightning's ModelCheckpoint keys on `global_step`, which never moves for SIP-It (it steps no
-optimiser), so this subclass saves on batch end instead. It writes to a temporary file and renames
+optimiser), so this subclass saves on batch end instead, every `every_n_batches` training steps
+(unset: the job's own `checkpoint_interval`, e.g. DLMI's `checkpoint_every`; else every step). It writes to a temporary file and renames
 it, so a kill never leaves a truncated checkpoint. `--ckpt_path last` finds it as usual.
 """
 
@@ -14,16 +15,17 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 class LastCheckpoint(ModelCheckpoint):
-    def __init__(self, dirpath: str = "runs/checkpoints", every_n_batches: int = 1):
+    def __init__(self, dirpath: str = "runs/checkpoints", every_n_batches: int | None = None):
         super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, enable_version_counter=False)
         self.every_n_batches = every_n_batches
 
     def save_now(self, trainer: L.Trainer) -> None:
         path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
         tmp = path + ".tmp"
-        # Not trainer.save_checkpoint: its barrier would deadlock ranks that save mid-batch at
-        # different times. Rank 0 writes its own state; other ranks' finished targets are in their
-        # results files, and an interrupted batch on another rank restarts.
+        # Not trainer.save_checkpoint: its barrier would deadlock ranks that save mid-target at
+        # different times (SIP-It). Rank 0 writes the file; a job whose state lives on every rank
+        # gathers it in on_save_checkpoint (DLMI, whose ranks run in step); other ranks' finished
+        # targets are in their results files.
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         if trainer.is_global_zero:
             os.makedirs(self.dirpath, exist_ok=True)
@@ -32,7 +34,8 @@ class LastCheckpoint(ModelCheckpoint):
         self.last_model_path = path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if (batch_idx + 1) % self.every_n_batches == 0:
+        every = self.every_n_batches or getattr(pl_module, "checkpoint_interval", 1)
+        if (batch_idx + 1) % every == 0:
             self.save_now(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:

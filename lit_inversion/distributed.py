@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import lightning as L
+import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.strategies import DDPStrategy
 
 from lit_inversion.results import ResultsWriter, read_results
@@ -37,6 +39,19 @@ def run_ranks_independently(trainer: L.Trainer) -> None:
     strategy = trainer.strategy
     if isinstance(strategy, DDPStrategy):
         strategy._setup_model = lambda model: model  # called by strategy.setup(), after the setup hooks
+
+
+def merge_across_ranks(states: dict, trainer: L.Trainer) -> dict:
+    """Every rank's `states` dict merged into one (tensors on the CPU), on every rank.
+
+    A collective: every rank must call it at the same step (the DLMI job keeps ranks in step).
+    """
+    states = apply_to_collection(states, torch.Tensor, lambda t: t.detach().cpu())
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return states
+    parts: list[dict | None] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(parts, states)
+    return {key: value for part in parts for key, value in (part or {}).items()}
 
 
 def rank_results_path(path: str | Path, rank: int) -> Path:

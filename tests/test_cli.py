@@ -181,9 +181,9 @@ def test_dlmi_cli_run_writes_records_and_tensorboard(tmp_path, tiny_llama_dir):
     assert "dlmi/finished_targets/text_summary" in events.Tags()["tensors"]
 
 
-def test_dlmi_resume_after_sigkill_continues_the_batch(tmp_path, tiny_llama_dir):
-    # Batches long enough (400 steps) that a kill right after the first mid-batch checkpoint lands mid-batch.
-    config = _dlmi_config(tmp_path, tiny_llama_dir, num_steps=400, checkpoint_every=2)
+def test_dlmi_resume_after_sigkill_continues_the_targets_in_flight(tmp_path, tiny_llama_dir):
+    # Targets long enough (160 steps) that a kill right after the first mid-target checkpoint lands mid-target.
+    config = _dlmi_config(tmp_path, tiny_llama_dir, num_steps=160, checkpoint_every=2)
     # The relaxed (Adam) phase only, so the optimiser state has to survive the kill.
     command = cli_command() + ["fit", "--config", str(config), "--ckpt_path", "last", "--model.check_every", "1000",
                                "--model.refine_fraction", "0.0"]
@@ -191,21 +191,23 @@ def test_dlmi_resume_after_sigkill_continues_the_batch(tmp_path, tiny_llama_dir)
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:  # last.ckpt is replaced atomically: safe to read
-        if ckpt.exists() and "dlmi_batch" in torch.load(ckpt, weights_only=False):
+        if ckpt.exists() and torch.load(ckpt, weights_only=False).get("dlmi_slots"):
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     saved = torch.load(ckpt, weights_only=False)
-    assert "dlmi_batch" in saved, "no mid-batch state was checkpointed"
-    steps_at_kill = saved["dlmi_batch"]["state"]["steps"].tolist()
-    adam = saved["dlmi_batch"]["state"]["_extra_state"]["optimizer"]["state"]
-    assert adam and all("exp_avg" in moments for moments in adam.values())  # Adam moments travel too
+    slots = saved.get("dlmi_slots")
+    assert slots and len(slots) == 2, "no mid-target state was checkpointed"  # both slots of --data.batch_size 2
+    steps_at_kill = {name: slot["steps"] for name, slot in slots.items()}
+    for slot in slots.values():
+        adam = slot["state"]["_extra_state"]["optimizer"]["state"]
+        assert adam and all("exp_avg" in moments for moments in adam.values())  # Adam moments travel too
     run = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     records = read_results(tmp_path / "results.jsonl")
     assert sorted(r["id"] for r in records) == ["t0", "t1", "t2", "t3"]
-    assert min(steps_at_kill) > 0
+    assert min(steps_at_kill.values()) > 0
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
@@ -248,12 +250,12 @@ def test_dlmi_killed_at_random_points_gives_the_uninterrupted_results(tmp_path, 
                 proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
                 seen = ckpt.stat().st_mtime_ns if ckpt.exists() else 0
                 deadline = time.time() + 240
-                while time.time() < deadline and proc.poll() is None:  # a fresh mid-batch checkpoint
+                while time.time() < deadline and proc.poll() is None:  # a fresh mid-target checkpoint
                     if ckpt.exists() and ckpt.stat().st_mtime_ns != seen:
                         break
                     time.sleep(0.01)
                 time.sleep(rng.uniform(0.0, 0.3))  # then a random moment of the run
-                assert proc.poll() is None, "the run ended before the kill: make its batches longer"
+                assert proc.poll() is None, "the run ended before the kill: give its targets more steps"
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(timeout=60)
                 assert ckpt.exists(), "killed before any checkpoint was on disk"
@@ -279,7 +281,9 @@ def _other_value(name: str, default):
         return str(default / 2 + 0.1), default / 2 + 0.1
     if isinstance(default, tuple):
         return '[".", "x"]', [".", "x"]
-    if default is None:  # the optional ones: gcg_batch_size and relax_topk (int), fill_token (str)
+    if default is None:  # the optional ones: gcg_batch_size and relax_topk (int), max_seconds (float), fill_token (str)
+        if name == "max_seconds":
+            return "2.5", 2.5
         return ("3", 3) if name in ("gcg_batch_size", "relax_topk") else ("x", "x")
     return "repeat" if name == "init" else "gcg" if name == "method" else "ce", None
 

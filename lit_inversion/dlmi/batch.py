@@ -307,29 +307,46 @@ class TargetBatch(nn.Module):
     def check(self, only: torch.Tensor | None = None) -> list[DlmiResult]:
         """Greedy-decode from each running target's discrete prompt (or only those in the [B] mask
         `only`); keep the best; stop exact matches."""
+        idx, prompts = self.due_prompts(only)
+        if len(idx):
+            self.take_outputs(idx, prompts, self.decode(prompts, self.target_ids.shape[1]))
+        return [self.result(b) for b in range(self.batch_size)]
+
+    @torch.no_grad()
+    @on_model_device
+    def due_prompts(self, only: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows [R], prompts [R, N]) the honest check decodes: running targets (or those in the mask
+        `only`) whose discrete prompt it has not decoded yet (the same prompt decodes the same way)."""
         prompts = self.discrete_prompts()
-        # A prompt already checked decodes the same way: skip it.
         todo = ~self.done & (prompts != self.checked).any(1)
         idx = torch.nonzero(todo if only is None else todo & only).flatten()
         self.checked[idx] = prompts[idx]
-        if len(idx):
-            prompts = prompts[idx]
-            prefix = torch.tensor(self.prefix, dtype=torch.long).expand(len(idx), -1)
-            # The honest check decodes in the model's own dtype, also under a trainer's mixed precision.
-            with torch.autocast(self._embeddings.device.type, enabled=False):
-                outputs = greedy_decode(self.loaded.model, torch.cat([prefix, prompts], 1), self.target_ids.shape[1])
-            for a, b in enumerate(idx.tolist()):
-                n = self.lengths[b]
-                out, tgt = outputs[a, :n].tolist(), self.target_ids[b, :n].tolist()
-                score = lcs_ratio(out, tgt)
-                if score >= float(self.best_lcs[b]) or not self.config.keep_best:  # ties: the newer prompt
-                    self.best_lcs[b], self.best_prompt[b] = score, prompts[a]
-                    self.best_output[b] = outputs[a]
-                self.seconds[b] = time.perf_counter() - self._started
-                if out == tgt:
-                    self.done[b] = True
-                    self.best_lcs[b], self.best_prompt[b], self.best_output[b] = 1.0, prompts[a], outputs[a]
-        return [self.result(b) for b in range(self.batch_size)]
+        return idx, prompts[idx]
+
+    @torch.no_grad()
+    @on_model_device
+    def decode(self, prompts: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """[R, num_tokens] greedy continuations of prompts [R, N] (after the BOS prefix)."""
+        prefix = torch.tensor(self.prefix, dtype=torch.long).expand(len(prompts), -1)
+        # The honest check decodes in the model's own dtype, also under a trainer's mixed precision.
+        with torch.autocast(self._embeddings.device.type, enabled=False):
+            return greedy_decode(self.loaded.model, torch.cat([prefix, prompts], 1), num_tokens)
+
+    @torch.no_grad()
+    def take_outputs(self, idx: torch.Tensor, prompts: torch.Tensor, outputs: torch.Tensor) -> None:
+        """Score the decoded `outputs` [R, >= M] of `prompts` for rows `idx`: keep the best, stop exact matches."""
+        outputs = outputs[:, : self.target_ids.shape[1]]
+        for a, b in enumerate(idx.tolist()):
+            n = self.lengths[b]
+            out, tgt = outputs[a, :n].tolist(), self.target_ids[b, :n].tolist()
+            score = lcs_ratio(out, tgt)
+            if score >= float(self.best_lcs[b]) or not self.config.keep_best:  # ties: the newer prompt
+                self.best_lcs[b], self.best_prompt[b] = score, prompts[a]
+                self.best_output[b] = outputs[a]
+            self.seconds[b] = time.perf_counter() - self._started
+            if out == tgt:
+                self.done[b] = True
+                self.best_lcs[b], self.best_prompt[b], self.best_output[b] = 1.0, prompts[a], outputs[a]
 
     def result(self, b: int) -> DlmiResult:
         n, tok = self.lengths[b], self.loaded.tokenizer

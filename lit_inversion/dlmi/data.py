@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from lit_inversion.errors import InversionError
 from lit_inversion.models import LoadedModel
 from lit_inversion.distributed import shard
-from lit_inversion.sequences import ListDataset, apply_limit, read_sequences
+from lit_inversion.sequences import apply_limit, read_sequences
 
 
 @dataclass
@@ -19,15 +20,44 @@ class OutputTarget:
     ids: list[int]
 
 
-def _one_batch(items: list[list[OutputTarget] | None]) -> list[OutputTarget]:
-    return items[0] or []  # None: a padding slot of a shard
+def max_pool_steps(targets: int, slots: int, num_steps: int) -> int:
+    """An upper bound on the pool steps `targets` targets need in `slots` slots: the k-th target
+    starts by pool step floor((k - 1) / slots) * num_steps (the slots' earlier targets, at most
+    num_steps each, have ended by then) and runs at most num_steps steps."""
+    return math.ceil(targets / slots) * num_steps
+
+
+class TickDataset(IterableDataset):
+    """One item per pool step: this rank's targets at the first tick, then empty lists.
+
+    The targets travel through the dataloader (the module queues what each tick brings); the later
+    ticks only pace the pool. Its length is an upper bound on the pool steps the targets need
+    (`max_pool_steps`), so Lightning's bar has a total; the module ends the epoch earlier, as soon as
+    the pool and queue are empty on every rank (`on_train_batch_start` returning -1).
+    """
+
+    def __init__(self, targets: list[OutputTarget], ticks: int):
+        self.targets, self.ticks = targets, ticks
+
+    def __len__(self) -> int:
+        return self.ticks
+
+    def __iter__(self):
+        for tick in range(self.ticks):
+            yield self.targets if tick == 0 else []
+
+
+def _unwrap(items: list[list[OutputTarget]]) -> list[OutputTarget]:
+    return items[0]
 
 
 class OutputTargetsDataModule(L.LightningDataModule):
-    """Yields batches of `OutputTarget`s; a batch is optimised together in one forward per step.
+    """Feeds the DLMI job's pool of target slots (continuous batching).
 
-    The order and batching are fixed, so an interrupted batch comes back whole on resume; targets
-    already in the results file are skipped by the module, not here.
+    `batch_size` is the number of slots: targets optimised at once, one optimisation step each per
+    training step; a target that matches or runs out of steps leaves its slot to the next one. With
+    several processes each rank gets its own round-robin shard of the targets still to do (those in
+    the results file are skipped).
     """
 
     def __init__(
@@ -45,10 +75,11 @@ class OutputTargetsDataModule(L.LightningDataModule):
         if targets_file is None and not difficulty_k:
             raise InversionError("no targets: set --data.targets_file or --data.difficulty_k (e.g. [1, 6, 11])")
         if batch_size < 1:
-            raise InversionError(f"batch_size must be at least 1 (got {batch_size})")
+            raise InversionError(f"batch_size (the number of target slots) must be at least 1 (got {batch_size})")
         if limit is not None and limit < 1:
             raise InversionError(f"--data.limit must be at least 1, or null for all targets (got {limit})")
-        self.batches: list[list[OutputTarget] | None] = []
+        self.targets: list[OutputTarget] = []  # this rank's shard, still to do
+        self.ticks = 1
 
     def build_targets(self, loaded: LoadedModel) -> list[OutputTarget]:
         h = self.hparams
@@ -67,11 +98,14 @@ class OutputTargetsDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module
         targets = self.build_targets(module.load())
         done = module.finished_ids()
-        module.announce_targets(len(targets), sum(t.id not in done for t in targets))
-        batch = self.hparams.batch_size
-        # Whole batches go to each process, so a batch never straddles two ranks.
-        batches = [targets[i:i + batch] for i in range(0, len(targets), batch)]
-        self.batches = shard(batches, self.trainer.global_rank, self.trainer.world_size)
+        todo = [t for t in targets if t.id not in done]
+        module.announce_targets(len(targets), len(todo))
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        self.targets = [t for t in shard(todo, rank, world) if t is not None]
+        # The same count on every rank (the largest shard's bound), so ranks stay in step; at least one
+        # tick, so a run with nothing to do still ends through the module's hooks.
+        largest = math.ceil(len(todo) / world)
+        self.ticks = max(1, max_pool_steps(largest, self.hparams.batch_size, module.config.num_steps))
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(ListDataset(self.batches), batch_size=1, shuffle=False, collate_fn=_one_batch)
+        return DataLoader(TickDataset(self.targets, self.ticks), batch_size=1, collate_fn=_unwrap)

@@ -1,32 +1,35 @@
-"""DLMI as a Lightning job: one training step optimises one batch of targets to the end.
+"""DLMI as a Lightning job: one training step is one optimisation step over a pool of target slots.
 
-(Still a custom loop inside the step: the continuous-batching rewrite, one Lightning step per
-optimisation step over a pool of target slots, is not done yet. What it needs: per-target batches in
-the slots (every method's state is per target now: `TargetBatch` rows, one `SwapSearch` each), an
-iterable of step ticks that ends when the pool and queue are empty, and, with several ranks, no-op
-steps so that ranks whose targets match early stay in step with the others for Lightning's
-collectives, as `distributed.shard` pads with empty slots today.)
+Continuous batching (`TargetPool`): `--data.batch_size` slots each hold one target; every training
+step steps each occupied slot once and runs a target's honest check every `check_every` of its own
+steps and at its last. A target leaves its slot as soon as it matches or runs out of `num_steps`: its
+record is appended to the results file at once and the next queued target takes the slot in the same
+step. The dataloader's first tick brings this rank's targets; the epoch ends when the pool and queue
+are empty on every rank (`on_train_batch_start` returns -1 after an all-reduce of that flag: ranks
+that finish early run no-op steps, so every rank runs the same steps and Lightning's collectives
+stay in step). Lightning's progress bar and `global_step` count optimisation steps.
 
-Per optimisation step it logs the loss and mean temperature; per honest check the honest LCS and
-exact-match rate and the current prompt and output text. `last.ckpt` is written every
-`checkpoint_every` steps with the batch's parameters and Adam state, so a killed run resumes the
-interrupted batch where it was, and finished targets (already in the results file) are not redone.
+Per step it logs the loss, soft LCS and mean temperature (methods that have one); per honest check the
+honest LCS and exact-match rate; per finished target a table of every target so far. `last.ckpt`
+(`LastCheckpoint`, every `checkpoint_every` steps) holds every in-flight target's batch state from
+every rank (parameters, Adam state, generators, search) keyed by target id, so `--ckpt_path last`
+continues each one where it was; targets already in the results file are never redone.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import math
 import typing
 from dataclasses import fields, replace
 
-import torch
-
 from lit_inversion.dlmi.algorithm import DlmiResult
-from lit_inversion.dlmi.batch import TargetBatch
-from lit_inversion.dlmi.baselines import LABELS, BaselineConfig, make_batch, method_config
-from lit_inversion.console import inner_progress, say
+from lit_inversion.dlmi.baselines import LABELS, BaselineConfig, method_config
+from lit_inversion.console import say
 from lit_inversion.dlmi.data import OutputTarget
+from lit_inversion.dlmi.pool import PoolStep, TargetPool
+from lit_inversion.distributed import merge_across_ranks
 from lit_inversion.errors import InversionError
 from lit_inversion.job import InversionJob
 from lit_inversion.metrics import ExactMatch, LCSRatio
@@ -51,7 +54,7 @@ class DlmiModule(InversionJob):
     take the method's preset (`method_config`).
     """
 
-    progress_unit = "target batches"
+    progress_unit = "steps"  # one training step is one optimisation step of every slot
 
     def __init__(self, model_name_or_path: str = DEFAULT_MODEL, checkpoint_every: int = 32,
                  results_path: str = "results/dlmi.jsonl", **options):
@@ -59,6 +62,8 @@ class DlmiModule(InversionJob):
         unknown = set(options) - set(CONFIG_FIELDS)
         if unknown:
             raise InversionError(f"unknown DLMI option(s) {sorted(unknown)}: see lit_inversion.dlmi.BaselineConfig")
+        if checkpoint_every < 1:
+            raise InversionError(f"checkpoint_every must be at least 1 step (got {checkpoint_every})")
         # Not save_hyperparameters(): it reads the (generated) signature's names from this frame's locals,
         # where the config fields are not; this is what it stores.
         self._set_hparams({"model_name_or_path": model_name_or_path, "checkpoint_every": checkpoint_every,
@@ -70,9 +75,14 @@ class DlmiModule(InversionJob):
         self.exact_match = ExactMatch()
         self.lcs = LCSRatio()
         self.optimisation_steps = 0
+        self.pool: TargetPool | None = None  # not a submodule: its state travels in on_save_checkpoint
         self._finished_rows: list[list[str]] = []
-        self._pending: dict | None = None  # an interrupted batch restored from a checkpoint
-        self.__dict__["_batch"] = None  # not a submodule: its state travels in on_save_checkpoint
+        self._saved_slots: dict[str, dict] = {}  # in-flight targets restored from a checkpoint
+
+    @property
+    def checkpoint_interval(self) -> int:
+        """Steps between `last.ckpt` saves (`LastCheckpoint` asks)."""
+        return self.hparams.checkpoint_every
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -80,82 +90,78 @@ class DlmiModule(InversionJob):
         if "compute_dtype" not in self.given and self.config.method == "dlmi" and self.precision_dtype() != "float32":
             self.config = replace(self.config, compute_dtype=self.precision_dtype())
 
-    def training_step(self, targets: list[OutputTarget], batch_idx: int) -> None:
-        ids = [t.id for t in targets]
-        batch = self._restore(ids)
-        if batch is None:
-            done = self.finished_ids()
-            todo = [t for t in targets if t.id not in done]
-            if not todo:
-                return
-            batch = make_batch(self.load(), [t.ids for t in todo], self.config, keys=[t.id for t in todo])
-            batch.target_names = [t.id for t in todo]
-            batch.batch_ids = ids
-        self.__dict__["_batch"] = batch
-        c = self.config
-        # One Lightning step runs a batch to the end, so the steps inside it get an inner bar.
-        bar = inner_progress(self, c.num_steps, f"{', '.join(batch.target_names)} steps")
-        bar.update(int(batch.steps.max()))
-        try:
-            while not batch.finished:
-                stats = batch.step()
-                bar.update(1)
-                self.optimisation_steps += 1
-                running = ~batch.done
-                scalars = {"dlmi/loss": float(stats.loss[stats.loss == stats.loss].mean()),
-                           "dlmi/soft_lcs": float(stats.soft_lcs.mean())}
-                taus = stats.tau[running]
-                if running.any() and bool(torch.isfinite(taus).all()):  # methods without a temperature: nan
-                    scalars["dlmi/mean_tau"] = float(taus.mean())
-                log_scalars(self, scalars, self.optimisation_steps)
-                steps = int(batch.steps.max())
-                if steps % c.check_every == 0 or steps >= c.num_steps:
-                    results = batch.check()
-                    honest = [r.lcs_ratio for r in results]
-                    bar.set_postfix(honest_lcs=f"{max(honest):.2f}", exact=sum(r.exact_match for r in results))
-                    log_scalars(self, {"dlmi/honest_lcs": sum(honest) / len(results),
-                                       "dlmi/exact_match_rate": sum(r.exact_match for r in results) / len(results)},
-                                self.optimisation_steps)
-                    self._write_finished(batch)
-                if steps % self.hparams.checkpoint_every == 0:
-                    self.save_last_checkpoint()
-        finally:
-            bar.close()
-        self._write_finished(batch)
-        self.__dict__["_batch"] = None
+    def on_train_start(self) -> None:
+        slots = self.trainer.datamodule.hparams.batch_size  # the data module's batch_size is the slot count
+        self.pool = TargetPool(self.load(), self.config, slots)
+        self.pool.load_state_dict(self._saved_slots)
+        self._saved_slots = {}
+        # Lightning counts global_step in LightningOptimizer.step calls; the slots' optimisers are per
+        # target (made and dropped with each target; the swap search has none), so the pool counts its
+        # steps itself. The step count continues across a resume (Lightning's loop state is not restored:
+        # job.on_load_checkpoint).
+        self._step_progress().total.ready = self._step_progress().total.completed = self.optimisation_steps
 
-    def _write_finished(self, batch: TargetBatch) -> None:
-        """Append each target's record as soon as it stops (matched, or out of steps)."""
-        for b, name in enumerate(batch.target_names):
-            stopped = bool(batch.done[b]) or int(batch.steps[b]) >= self.config.num_steps
-            if stopped and name not in self.writer.done_ids:
-                result = batch.result(b)
-                self.writer.write(dlmi_record(name, result))
-                self.exact_match.update([result.output_ids], [result.target_ids])
-                self.lcs.update([result.output_ids], [result.target_ids])
-                self.targets_done += 1
-                self._finished_rows.append([name, decode(self.load().tokenizer, result.target_ids), result.prompt_text,
-                                            result.output_text, f"{result.lcs_ratio:.2f}",
-                                            "yes" if result.exact_match else "no"])
-                log_scalars(self, {"dlmi/finished_honest_lcs": self.lcs.local_mean(),
-                                   "dlmi/finished_exact_match_rate": self.exact_match.local_mean()}, self.targets_done)
-                # One table of every target finished so far.
-                log_text(self, "dlmi/finished_targets", markdown_table(
-                    ["target id", "target", "prompt", "output", "honest LCS", "exact"], self._finished_rows),
-                    self.optimisation_steps)
-                say(f"[{name}] {'EXACT' if result.exact_match else 'partial'} lcs={result.lcs_ratio:.2f} "
-                      f"soft_lcs={result.soft_lcs_ratio:.2f} steps={result.steps} {result.seconds:.1f}s "
-                      f"prompt={result.prompt_text!r} -> {result.output_text!r}")
+    def _step_progress(self):
+        return self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
 
-    def _restore(self, ids: list[str]) -> TargetBatch | None:
-        pending, self._pending = self._pending, None
-        if pending is None or pending["batch_ids"] != ids:
-            return None
-        targets = [t for t in pending["target_ids"]]
-        batch = make_batch(self.load(), targets, self.config, keys=pending["target_names"])
-        batch.load_state_dict(pending["state"])
-        batch.target_names, batch.batch_ids = pending["target_names"], ids
-        return batch
+    def on_train_batch_start(self, arrivals: list[OutputTarget], batch_idx: int) -> int | None:
+        self.pool.enqueue(arrivals, skip=self.finished_ids())
+        # Every rank must leave the loop at the same step (Lightning's collectives, checkpoint gathers):
+        # stop only when no rank has a target left.
+        if self.trainer.strategy.reduce_boolean_decision(self.pool.empty, all=True):
+            return -1
+        return None
+
+    def training_step(self, arrivals: list[OutputTarget], batch_idx: int) -> None:
+        self.optimisation_steps += 1
+        self._step_progress().increment_ready()
+        if not self.pool.empty:  # else a no-op step: other ranks still have targets
+            self._log_step(self.pool.step())
+        self._step_progress().increment_completed()
+
+    def _log_step(self, step: PoolStep) -> None:
+        finite = [x for x in step.loss if math.isfinite(x)]
+        scalars = {"dlmi/soft_lcs": sum(step.soft_lcs) / len(step.soft_lcs)}
+        if finite:
+            scalars["dlmi/loss"] = sum(finite) / len(finite)
+        taus = [x for x in step.tau if math.isfinite(x)]  # methods without a temperature: nan
+        if taus:
+            scalars["dlmi/mean_tau"] = sum(taus) / len(taus)
+        if step.checked:
+            results = [r for _, r in step.checked]
+            scalars["dlmi/honest_lcs"] = sum(r.lcs_ratio for r in results) / len(results)
+            scalars["dlmi/exact_match_rate"] = sum(r.exact_match for r in results) / len(results)
+        log_scalars(self, scalars, self.optimisation_steps)
+        for name, result in step.finished:
+            self._write_finished(name, result)
+        # On the bar: the best honest LCS of the targets in the slots (as of their last checks), and
+        # the targets finished and matched so far on this rank.
+        checked = [float(s.batch.best_lcs[0]) for s in self.pool.running if float(s.batch.best_lcs[0]) >= 0]
+        shown = {"targets": self.targets_done, "exact": int(self.exact_match.total)}
+        if checked:
+            shown["lcs"] = sum(checked) / len(checked)
+        self.log_dict(shown, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
+
+    def _write_finished(self, name: str, result: DlmiResult) -> None:
+        """Append a target's record as soon as it stops (matched, or out of steps)."""
+        if name in self.writer.done_ids:
+            return
+        self.writer.write(dlmi_record(name, result))
+        self.exact_match.update([result.output_ids], [result.target_ids])
+        self.lcs.update([result.output_ids], [result.target_ids])
+        self.targets_done += 1
+        self._finished_rows.append([name, decode(self.load().tokenizer, result.target_ids), result.prompt_text,
+                                    result.output_text, f"{result.lcs_ratio:.2f}",
+                                    "yes" if result.exact_match else "no"])
+        log_scalars(self, {"dlmi/finished_honest_lcs": self.lcs.local_mean(),
+                           "dlmi/finished_exact_match_rate": self.exact_match.local_mean()}, self.targets_done)
+        # One table of every target finished so far.
+        log_text(self, "dlmi/finished_targets", markdown_table(
+            ["target id", "target", "prompt", "output", "honest LCS", "exact"], self._finished_rows),
+            self.optimisation_steps)
+        say(f"[{name}] {'EXACT' if result.exact_match else 'partial'} lcs={result.lcs_ratio:.2f} "
+            f"soft_lcs={result.soft_lcs_ratio:.2f} steps={result.steps} {result.seconds:.1f}s "
+            f"prompt={result.prompt_text!r} -> {result.output_text!r}")
 
     def summarize(self, records: list[dict]) -> str:
         label = LABELS[self.config.method]
@@ -175,16 +181,15 @@ class DlmiModule(InversionJob):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["optimisation_steps"] = self.optimisation_steps
-        batch = self.__dict__["_batch"]
-        if batch is not None and not batch.finished:
-            checkpoint["dlmi_batch"] = {"batch_ids": batch.batch_ids, "target_names": batch.target_names,
-                                        "target_ids": [batch.target_ids[b, :n].tolist() for b, n in enumerate(batch.lengths)],
-                                        "state": batch.state_dict()}
+        local = self.pool.state_dict() if self.pool is not None else self._saved_slots
+        # Every rank's in-flight targets, by id (rank 0 writes the file): a resume with any number of
+        # processes continues each one on whichever rank its shard puts it.
+        checkpoint["dlmi_slots"] = merge_across_ranks(local, self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         self.optimisation_steps = int(checkpoint.get("optimisation_steps", 0))
-        self._pending = checkpoint.get("dlmi_batch")
+        self._saved_slots = checkpoint.get("dlmi_slots", {})
 
 
 CONFIG_FIELDS = {f.name: f for f in fields(BaselineConfig)}

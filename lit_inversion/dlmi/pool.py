@@ -1,0 +1,154 @@
+"""Continuous batching: a pool of target slots, stepped one optimisation step at a time.
+
+Each slot holds one target in its own size-1 `TargetBatch` (from `make_batch`), so every method
+(DLMI, the paper's relaxed phase, GCG, GBDA, REINFORCE) runs unchanged, a target's Adam state,
+generator and search never share a tensor with another target's, and a freed slot is refilled by
+building one new batch. (Replacing rows of one shared batch would mean per-row optimizer state and
+targets in different phases in one batch; the swap search, the default, already steps targets one
+after another, so one batch per slot costs it nothing.)
+
+`step()` steps every occupied slot once, runs each target's honest check every `check_every` of its
+own steps and at its last step (the slots due at one step in one batched greedy decode), takes out the targets that matched or ran out of steps, and hands
+their slots to the next queued targets. `state_dict()` holds every in-flight target's batch state,
+keyed by target id, so a restored pool continues each one where it was.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from lit_inversion.dlmi.algorithm import DlmiResult
+from lit_inversion.dlmi.baselines import make_batch
+from lit_inversion.dlmi.batch import TargetBatch
+from lit_inversion.dlmi.data import OutputTarget
+
+
+@dataclass
+class Slot:
+    target: OutputTarget
+    batch: TargetBatch
+
+    @property
+    def steps(self) -> int:
+        return int(self.batch.steps[0])
+
+
+@dataclass
+class PoolStep:
+    """What one pool step did: per stepped target its loss and temperature (nan where a method has
+    none), the honest results of the targets checked, and the targets that left their slots."""
+
+    stepped: list[str] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    tau: list[float] = field(default_factory=list)
+    soft_lcs: list[float] = field(default_factory=list)
+    checked: list[tuple[str, DlmiResult]] = field(default_factory=list)
+    finished: list[tuple[str, DlmiResult]] = field(default_factory=list)
+
+
+class TargetPool:
+    """`slots` target slots fed from a FIFO queue; one `step()` is one optimisation step of each."""
+
+    def __init__(self, loaded, config, slots: int):
+        self.loaded, self.config = loaded, config
+        self.slots: list[Slot | None] = [None] * slots
+        self.queue: deque[OutputTarget] = deque()
+        self.saved: dict[str, dict] = {}  # in-flight states from a checkpoint, by target id
+        self._known: set[str] = set()
+
+    # ----- contents -----------------------------------------------------------------------------
+    @property
+    def running(self) -> list[Slot]:
+        return [s for s in self.slots if s is not None]
+
+    @property
+    def empty(self) -> bool:
+        return not self.queue and not self.running
+
+    def enqueue(self, targets: Iterable[OutputTarget], skip: set[str] = frozenset()) -> None:
+        """Queue targets not in `skip` and not queued before; those with a restored state go first."""
+        new = [t for t in targets if t.id not in skip and t.id not in self._known]
+        self._known.update(t.id for t in new)
+        restored = [t for t in new if t.id in self.saved]
+        order = {name: i for i, name in enumerate(self.saved)}  # the saved slot order
+        restored.sort(key=lambda t: order[t.id])
+        self.queue.extendleft(reversed(restored))
+        self.queue.extend(t for t in new if t.id not in self.saved)
+
+    def fill(self) -> None:
+        """Give each free slot the next queued target (from its saved state if it has one)."""
+        for i, slot in enumerate(self.slots):
+            if slot is None and self.queue:
+                target = self.queue.popleft()
+                batch = make_batch(self.loaded, [target.ids], self.config, keys=[target.id])
+                saved = self.saved.pop(target.id, None)
+                if saved is not None and saved["ids"] == list(target.ids):  # a changed target restarts
+                    batch.load_state_dict(saved["state"])
+                self.slots[i] = Slot(target, batch)
+
+    # ----- one step -----------------------------------------------------------------------------
+    def step(self) -> PoolStep:
+        """One optimisation step of every occupied slot; stopped targets leave, queued ones take their slots."""
+        self.fill()
+        c, out, due = self.config, PoolStep(), []
+        for slot in self.running:
+            stats = slot.batch.step()
+            out.stepped.append(slot.target.id)
+            out.loss.append(float(stats.loss[0]))
+            out.tau.append(float(stats.tau[0]))
+            out.soft_lcs.append(float(stats.soft_lcs[0]))
+            if slot.steps % c.check_every == 0 or slot.steps >= c.num_steps or slot.batch.finished:
+                due.append(slot)
+        check_together([s.batch for s in due])
+        out.checked = [(s.target.id, s.batch.result(0)) for s in due]
+        for i, slot in enumerate(self.slots):
+            if slot is not None and slot.batch.finished:  # matched, or out of steps (or seconds)
+                out.finished.append((slot.target.id, slot.batch.result(0)))
+                self.slots[i] = None
+        self.fill()
+        return out
+
+    # ----- checkpointing ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, dict]:
+        """Every in-flight target's batch state (parameters, optimizer, generators, search), by id, in slot order."""
+        return {s.target.id: {"ids": list(s.target.ids), "steps": s.steps, "state": s.batch.state_dict()}
+                for s in self.running}
+
+    def load_state_dict(self, states: dict[str, dict]) -> None:
+        """Keep saved states for targets that are queued later (`enqueue`) or already queued."""
+        self.saved.update(states)
+        if self.queue:  # already queued: move the restored ones to the front
+            queued = list(self.queue)
+            self.queue.clear()
+            self._known.difference_update(t.id for t in queued)
+            self.enqueue(queued)
+
+
+def check_together(batches: list[TargetBatch]) -> None:
+    """The honest checks of several slots in one batched greedy decode (one decode costs about as much
+    as a few on a CPU: it is bound by reading the weights), then each batch scores its own rows."""
+    due = [(batch, *batch.due_prompts()) for batch in batches]
+    due = [(batch, idx, prompts) for batch, idx, prompts in due if len(idx)]
+    if not due:
+        return
+    longest = max(batch.target_ids.shape[1] for batch, _, _ in due)
+    outputs = due[0][0].decode(torch.cat([prompts for _, _, prompts in due]), longest)
+    start = 0
+    for batch, idx, prompts in due:
+        batch.take_outputs(idx, prompts, outputs[start : start + len(idx)])
+        start += len(idx)
+
+
+def run_pool(loaded, targets: Iterable[OutputTarget], config, slots: int) -> list[tuple[str, DlmiResult]]:
+    """The DLMI job's step loop without Lightning: step a pool until every target has left it;
+    (id, result) in the order the targets finished."""
+    pool = TargetPool(loaded, config, slots)
+    pool.enqueue(targets)
+    finished: list[tuple[str, DlmiResult]] = []
+    while not pool.empty:
+        finished += pool.step().finished
+    return finished
