@@ -345,7 +345,8 @@ def figure_b(plt, rows: list[dict], budget: str | None):
 
 def section_c(dlmi: Run, figures: FigureWriter | None) -> list[str]:
     lines = ["## DLMI temperature over the run (Figure C)", ""]
-    traces = [t for t in dlmi.data.get("tau_traces", []) if t["method"] in TAU_METHODS and t["tau"]]
+    # A method that ran no relaxed step (the default swap search) has no temperature: nan throughout.
+    traces = [t for t in dlmi.data.get("tau_traces", []) if t["method"] in TAU_METHODS and any(x > 0 for x in t["tau"])]
     if not traces:
         return lines + ["_This dlmi.json has no temperature trace of a DLMI-family method (rerun `benchmarks/dlmi.py`)._", ""]
     if not figures:

@@ -78,7 +78,9 @@ class InversionProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer, pl_module) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)  # the logger's version folder says nothing about progress
-        return metrics
+        # Counts are logged as floats: show them as the whole numbers they are.
+        return {k: int(v) if isinstance(v, float) and v.is_integer() and k in ("targets", "exact") else v
+                for k, v in metrics.items()}
 
     def inner(self, total: int, description: str):
         """A bar under the main one for work inside one step; closed by the caller."""
