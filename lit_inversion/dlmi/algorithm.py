@@ -402,13 +402,11 @@ class DlmiBatch(TargetBatch):
 
 def run_batch(batch: DlmiBatch, callback: Callable[[DlmiBatch, StepStats], None] | None = None) -> list[DlmiResult]:
     """Step a batch until every target matches or runs out of steps, checking every `check_every` steps."""
-    c = batch.config
     while not batch.finished:
         stats = batch.step()
         if callback is not None:
             callback(batch, stats)
-        steps = int(batch.steps.max())
-        if steps % c.check_every == 0 or steps >= c.num_steps or batch.finished:
+        if batch.check_due:
             batch.check()
     return [batch.result(b) for b in range(batch.batch_size)]
 

@@ -190,13 +190,20 @@ class TargetBatch(nn.Module):
     def active(self) -> torch.Tensor:
         """Indices of targets still running (not matched, steps and seconds left)."""
         running = ~self.done & (self.steps < self.config.num_steps)
-        if getattr(self.config, "max_seconds", None) is not None:
+        if self.config.max_seconds is not None:
             running &= self.seconds < self.config.max_seconds
         return torch.nonzero(running).flatten()
 
     @property
     def finished(self) -> bool:
         return len(self.active()) == 0
+
+    @property
+    def check_due(self) -> bool:
+        """Whether the honest check runs after this step: every `check_every` steps, and when the
+        batch has stopped (out of steps or seconds), so every result is a checked one."""
+        steps = int(self.steps.max())
+        return steps % self.config.check_every == 0 or steps >= self.config.num_steps or self.finished
 
     def target(self, b: int) -> torch.Tensor:
         return self.target_ids[b, : self.lengths[b]]

@@ -94,14 +94,14 @@ class TargetPool:
     def step(self) -> PoolStep:
         """One optimisation step of every occupied slot; stopped targets leave, queued ones take their slots."""
         self.fill()
-        c, out, due = self.config, PoolStep(), []
+        out, due = PoolStep(), []
         for slot in self.running:
             stats = slot.batch.step()
             out.stepped.append(slot.target.id)
             out.loss.append(float(stats.loss[0]))
             out.tau.append(float(stats.tau[0]))
             out.soft_lcs.append(float(stats.soft_lcs[0]))
-            if slot.steps % c.check_every == 0 or slot.steps >= c.num_steps or slot.batch.finished:
+            if slot.batch.check_due:
                 due.append(slot)
         check_together([s.batch for s in due])
         out.checked = [(s.target.id, s.batch.result(0)) for s in due]
