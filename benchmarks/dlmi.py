@@ -33,7 +33,7 @@ import torch
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable for benchmarks.common
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import hardware
+from benchmarks.common import hardware, median_seconds
 
 from lit_inversion.dlmi.algorithm import DlmiConfig
 from lit_inversion.dlmi.algorithm import greedy_decode
@@ -96,16 +96,6 @@ def run(loaded, targets: list[dict], config: DlmiConfig, batch_size: int) -> tup
             for t, r in zip(targets, results)], trace
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def step_cost(loaded, config: DlmiConfig, target: list[int], repeats: int = 3) -> dict:
     """Median seconds of one optimisation step of `config` on `target`, and of the model's own
     forward-and-backward on inputs of the same shape: [BOS] + N prompt + M - 1 target embeddings, as
@@ -130,7 +120,7 @@ def step_cost(loaded, config: DlmiConfig, target: list[int], repeats: int = 3) -
         logits = model.get_output_embeddings()(hidden)
         torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels).backward()
 
-    reference = _median_seconds(forward_backward, repeats)
+    reference = median_seconds(forward_backward, repeats)
     in_model = [0.0]
     originals = (search.PromptScorer.with_gradient, search.PromptScorer.prompts, torch.autograd.grad)
 

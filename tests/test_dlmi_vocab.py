@@ -3,13 +3,11 @@ forward-and-backward on a tiny model with a 262,144-token vocabulary (Gemma-3's)
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import median_seconds
 from lit_inversion.dlmi import relax
 from lit_inversion.dlmi.algorithm import DlmiBatch, DlmiConfig
 from lit_inversion.models import LoadedModel
@@ -36,16 +34,6 @@ def big_vocab():
     model = LlamaForCausalLM(config).eval().requires_grad_(False)
     yield LoadedModel(model=model, tokenizer=_tokenizer(TINY_VOCAB), name="tiny-262k")
     torch.set_num_threads(threads)
-
-
-def _median_seconds(fn, repeats: int = 3) -> float:
-    fn()  # warm-up: allocator and kernel selection
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def test_sparse_relaxation_over_the_whole_vocabulary_is_the_dense_one():
@@ -107,8 +95,8 @@ def test_a_step_costs_within_3x_of_the_models_forward_and_backward(big_vocab):
         hidden = model.base_model(inputs_embeds=x).last_hidden_state[:, -M:].contiguous()
         F.cross_entropy(model.lm_head(hidden).reshape(-1, BIG_VOCAB), labels).backward()
 
-    reference = _median_seconds(forward_backward)
-    step = _median_seconds(batch.step)
+    reference = median_seconds(forward_backward)
+    step = median_seconds(batch.step)
     assert step <= 3.0 * reference, f"step {step:.3f} s vs forward+backward {reference:.3f} s"
     assert int(batch.steps[0]) == 4 and torch.isfinite(batch.logits).all()
 
