@@ -8,8 +8,8 @@ targets in different phases in one batch; the swap search, the default, already 
 after another, so one batch per slot costs it nothing.)
 
 `step()` steps every occupied slot once, runs each target's honest check every `check_every` of its
-own steps and at its last step (the slots due at one step in one batched greedy decode), takes out the targets that matched or ran out of steps, and hands
-their slots to the next queued targets. `state_dict()` holds every in-flight target's batch state,
+own steps and at its last step (the slots due at one step in one batched greedy decode), takes out
+the targets that matched or ran out of steps, and hands their slots to the next queued targets. `state_dict()` holds every in-flight target's batch state,
 keyed by target id, so a restored pool continues each one where it was.
 """
 
@@ -39,10 +39,9 @@ class Slot:
 
 @dataclass
 class PoolStep:
-    """What one pool step did: per stepped target its loss and temperature (nan where a method has
-    none), the honest results of the targets checked, and the targets that left their slots."""
+    """What one pool step did: per stepped target its loss, temperature (nan where a method has none)
+    and soft LCS, the honest results of the targets checked, and the targets that left their slots."""
 
-    stepped: list[str] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
     tau: list[float] = field(default_factory=list)
     soft_lcs: list[float] = field(default_factory=list)
@@ -97,7 +96,6 @@ class TargetPool:
         out, due = PoolStep(), []
         for slot in self.running:
             stats = slot.batch.step()
-            out.stepped.append(slot.target.id)
             out.loss.append(float(stats.loss[0]))
             out.tau.append(float(stats.tau[0]))
             out.soft_lcs.append(float(stats.soft_lcs[0]))
