@@ -63,6 +63,9 @@ ABLATION = {
     "dlmi-no-curriculum": dict(search_window=0),  # score the whole target from the start
     "dlmi-ce": dict(refine_objective="ce"),  # mean cross-entropy instead of the per-position hinge
     "dlmi-no-restarts": dict(refine_patience=0),
+    "dlmi-improve": dict(refine_accept="improve"),  # move only to a better prompt, restarts on a plateau
+    "dlmi-greedy": dict(refine_sampling="greedy"),  # each position's best untried swaps, not a random draw
+    "dlmi-distance": dict(refine_distance_weight=0.5),  # Faster-GCG's embedding-distance regulariser
     "dlmi-acg": dict(swap_tokens=3),  # 3-token swaps annealed to 1 (ACG)
     "dlmi-relaxed-first": dict(RELAXED_FIRST),
     "dlmi-onehot": dict(RELAXED_FIRST, anneal_from=0.0, anneal_to=0.0005),  # tau ~100 -> ~0.05

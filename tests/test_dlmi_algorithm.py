@@ -101,13 +101,57 @@ def test_reaches_exact_match_on_reachable_target(tiny):
 def test_refinement_only_moves_downhill(tiny):
     # The whole target scored (no window growth) and no restarts: each step keeps or lowers the key.
     config = DlmiConfig(prompt_length=4, num_steps=24, check_every=4, compute_dtype="float32", refine_candidates=8,
-                        refine_fraction=1.0, search_window=0, refine_patience=0)
+                        refine_fraction=1.0, search_window=0, refine_patience=0, refine_accept="improve")
     batch = DlmiBatch(tiny, [[9, 10, 11, 12, 13]], config)
     keys = []
     while not batch.finished:
         keys.append(float(batch.step().loss[0]))
     assert all(b <= a + 1e-6 for a, b in zip(keys, keys[1:]))
     assert int(batch.searches[0].tried.sum()) > 0  # verified swaps are remembered, not tried again
+
+
+def test_best_acceptance_crosses_plateaus_and_keeps_the_best_prompt(tiny):
+    # The default: every step moves to its best candidate, also when that ranks below the current prompt.
+    config = DlmiConfig(prompt_length=4, num_steps=24, check_every=4, compute_dtype="float32", refine_candidates=8,
+                        search_window=0)
+    batch = DlmiBatch(tiny, [[9, 10, 11, 12, 13]], config)
+    search, keys, moves = batch.searches[0], [float(batch.step().loss[0])], 0  # the first step starts the search
+    while not batch.finished:
+        before = search.prompt.clone()
+        keys.append(float(batch.step().loss[0]))
+        moves += int(not torch.equal(before, search.prompt))
+    assert moves == len(keys) - 1  # every step moved
+    assert any(b > a for a, b in zip(keys, keys[1:]))  # some moves were uphill
+    assert float(search.best_key) == pytest.approx(min(keys), abs=0.5)  # the best prompt ranked is kept (float32 keys)
+
+
+def _swap_search(tiny, **options):
+    from lit_inversion.dlmi.search import PromptScorer, SwapOptions, SwapSearch
+
+    scorer = PromptScorer(tiny.model, [BOS])
+    return SwapSearch(scorer, torch.tensor([9, 10, 11]), torch.ones(VOCAB, dtype=torch.bool),
+                      torch.tensor([20, 21, 22, 23]), SwapOptions(**options), torch.Generator().manual_seed(0))
+
+
+def test_greedy_sampling_takes_each_positions_best_untried_swaps(tiny):
+    swap = _swap_search(tiny, candidates=8, topk=16, sampling="greedy")
+    gain = torch.arange(VOCAB, dtype=torch.float).expand(4, -1)  # the highest token id gains most
+    first = swap._propose(lambda positions: gain[: len(positions)], swap.prompt, swap.target)
+    second = swap._propose(lambda positions: gain[: len(positions)], swap.prompt, swap.target)
+
+    def swapped_in(candidates: torch.Tensor) -> list[int]:
+        return sorted(candidates[candidates != swap.prompt].tolist())
+
+    assert swapped_in(first) == sorted([95, 94] * 4)  # 2 per position, the best two
+    assert swapped_in(second) == sorted([93, 92] * 4)  # then the next two: tried swaps are not repeated
+
+
+def test_distance_weight_prefers_swaps_near_the_current_token(tiny):
+    swap = _swap_search(tiny, distance_weight=1.0)
+    E = tiny.model.get_input_embeddings().weight.detach()
+    gain = swap._gain(torch.zeros(4, E.shape[1]), torch.tensor([1]))[0]  # no gradient signal: distance alone
+    order = torch.cdist(E[swap.prompt[1]][None], E)[0].argsort()
+    assert torch.equal(gain.argsort(descending=True)[:5], order[:5])
 
 
 @pytest.mark.parametrize("objective", ["hinge", "ce"])
@@ -388,6 +432,9 @@ def test_paper_config_turns_improvements_off():
     ([[5, 6]], {"relax_topk": -1}, "relax_topk must be 0 \\(dense\\), a positive number of tokens, or null"),
     ([[5, 6]], {"max_seconds": 0}, "max_seconds must be positive, or null for no time budget"),
     ([[5, 6]], {"swap_tokens": 5}, "swap_tokens must be between 1 and prompt_length \\(4\\)"),
+    ([[5, 6]], {"refine_accept": "always"}, "refine_accept must be one of best, improve"),
+    ([[5, 6]], {"refine_sampling": "top"}, "refine_sampling must be one of random, greedy"),
+    ([[5, 6]], {"refine_distance_weight": -1.0}, "refine_distance_weight must be 0 \\(off\\) or positive"),
     ([], {}, "no targets given"),
 ])
 def test_bad_input_raises_inversion_error(tiny, targets, overrides, message):

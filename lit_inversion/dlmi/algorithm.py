@@ -40,6 +40,9 @@ TEMPERATURES = ("decoupled", "shared", "fixed")
 RELAXATIONS = ("soft", "straight_through")
 INITS = ("random", "repeat")
 OBJECTIVES = ("hinge", "ce")
+ACCEPTS = ("best", "improve")
+SAMPLINGS = ("random", "greedy")
+
 @dataclass
 class DlmiConfig:
     """DLMI settings: the paper's relaxed phase, then refinement; `DlmiConfig.paper()` is the paper's alone."""
@@ -84,7 +87,15 @@ class DlmiConfig:
     refine_objective: str = "hinge"  # hinge: relu(best other logit - target logit + margin) | ce
     margin: float = 1.0  # kappa of the hinge: right positions keep this logit gap
     search_window: int = 4  # score the right prefix + this many target positions (0 = the whole target)
-    refine_patience: int = 16  # steps without a better prompt before a restart (0 = never)
+    # improve: move only to a better prompt (restarts after refine_patience steps without one) | best:
+    # always move to the best candidate, as GCG (a plateau is crossed sideways; the right prefix ranks
+    # first, so the best candidate almost always keeps it). best measured ahead on fresh k = 1 targets.
+    refine_accept: str = "best"
+    refine_sampling: str = "random"  # random: a random draw from each position's top-k | greedy: its best untried ones
+    # Faster-GCG's regulariser: rank swaps by standardised gain minus this times standardised embedding
+    # distance from the current token (0 = off).
+    refine_distance_weight: float = 0.0
+    refine_patience: int = 16  # steps without a better prompt before a restart (0 = never; only with improve)
     restart_swaps: int = 3  # positions of the best prompt a restart re-draws at random (init="repeat": the next seed)
     keep_best: bool = True  # return the best prompt seen at any honest check, not the last argmax Z
     # random: the paper's N(0, 1) logits (and random tokens for the swap search). repeat: the copy seed,
@@ -138,6 +149,10 @@ class DlmiConfig:
         one_of("relaxation", RELAXATIONS)
         one_of("compute_dtype", ("auto",) + tuple(DTYPES))
         one_of("refine_objective", OBJECTIVES)
+        one_of("refine_accept", ACCEPTS)
+        one_of("refine_sampling", SAMPLINGS)
+        need(self.refine_distance_weight >= 0,
+             f"refine_distance_weight must be 0 (off) or positive (got {self.refine_distance_weight})")
         one_of("init", INITS)
         for name in ("refine_fraction", "anneal_from", "straight_through_from"):
             need(0.0 <= getattr(self, name) <= 1.0, f"{name} is a fraction in [0, 1] (got {getattr(self, name)})")
@@ -196,11 +211,15 @@ class DlmiBatch(TargetBatch):
         return relax.resolve_topk(self.config.relax_topk, self.logits.shape[-1])
 
     def swap_options(self) -> search.SwapOptions:
-        """DLMI's swap search: lead-first ranking over a window, only better prompts accepted, restarts."""
+        """DLMI's swap search: lead-first ranking over a window; moves to the best candidate (or only to a
+        better prompt, with restarts on a plateau)."""
         c = self.config
         return search.SwapOptions(candidates=c.refine_candidates, topk=c.refine_topk, positions=c.refine_positions,
                                   rank="lead", objective=c.refine_objective, margin=c.margin,
-                                  window=c.search_window, accept="improve", no_revisit=True,
+                                  window=c.search_window, no_revisit=True,
+                                  # The copy seed moves between its seed prompts by restarts on a plateau.
+                                  accept="improve" if c.init == "repeat" else c.refine_accept,
+                                  sampling=c.refine_sampling, distance_weight=c.refine_distance_weight,
                                   patience=c.refine_patience, restart_swaps=c.restart_swaps,
                                   copy_limit=self.copy_limit)
 

@@ -205,6 +205,8 @@ class SwapOptions:
     copy_limit: float = 1.0  # largest LCS(prompt, target) / M a candidate may have (1.0 = off)
     retokenize: bool = False  # drop candidates whose decode -> encode round trip changes the ids
     chunk: int | None = None  # candidates per scoring forward (None: a whole group); halved on out-of-memory
+    sampling: str = "random"  # random: a random draw from each position's top-k | greedy: its best untried ones
+    distance_weight: float = 0.0  # rank swaps by standardised gain minus this times standardised embedding distance
 
 
 @dataclass
@@ -311,7 +313,14 @@ class SwapSearch(nn.Module):
         """[P, V] the first-order gain -grad . e_v of each swap at `positions`, from the gradient [N, d] at
         the prompt's embeddings; in E's own dtype (no [V, d] copy)."""
         E = self.scorer.E.detach()
-        return -(grad[positions].to(E.dtype) @ E.T).float()
+        gain = -(grad[positions].to(E.dtype) @ E.T).float()
+        w = self.options.distance_weight
+        if w:  # the first-order gain is trusted less far from the current token (Faster-GCG)
+            here = E[self.prompt[positions]].float()
+            dist = ((E.float() ** 2).sum(1)[None] - 2 * here @ E.float().T + (here ** 2).sum(1, keepdim=True)).clamp(min=0).sqrt()
+            z = lambda x: (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True).clamp(min=1e-12)
+            gain = z(gain) - w * z(dist)
+        return gain
 
     def _propose(self, gain: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Tensor,
                  target: torch.Tensor, n_replace: int | None = None) -> torch.Tensor:
@@ -340,7 +349,8 @@ class SwapSearch(nn.Module):
             per = max(1, o.candidates // len(open_positions))
             rows = []
             for p in sorted(open_positions.tolist()):
-                pick = top[p, torch.randperm(int(finite[p]), generator=g)[:per]]
+                order = torch.arange(int(finite[p])) if o.sampling == "greedy" else torch.randperm(int(finite[p]), generator=g)
+                pick = top[p, order[:per]]
                 cand = prompt.repeat(len(pick), 1)
                 cand[:, p] = pick
                 rows.append(cand)
