@@ -123,6 +123,7 @@ def test_best_acceptance_crosses_plateaus_and_keeps_the_best_prompt(tiny):
     assert moves == len(keys) - 1  # every step moved
     assert any(b > a for a, b in zip(keys, keys[1:]))  # some moves were uphill
     assert float(search.best_key) == pytest.approx(min(keys), abs=0.5)  # the best prompt ranked is kept (float32 keys)
+    assert torch.equal(batch.checked[0], search.best)  # and is the one the honest check decodes
 
 
 def _swap_search(tiny, **options):

@@ -243,9 +243,16 @@ class DlmiBatch(TargetBatch):
         return torch.stack([s.prompt for s in self.searches])
 
     def discrete_prompts(self) -> torch.Tensor:
-        """[B, N] the prompt each target would return now: argmax Z, or the search's prompt."""
+        """[B, N] the prompt each target would return now: argmax Z, or the search's answer."""
         in_refine = (self.steps >= self.config.relaxed_steps)[:, None]
-        return torch.where(in_refine, self.current, self.argmax_prompts())
+        return torch.where(in_refine, self._search_answers(), self.argmax_prompts())
+
+    def _search_answers(self) -> torch.Tensor:
+        """[B, N] each search's best-ranked prompt when it moves to the best candidate every step (it
+        may have left a better one), else its current prompt."""
+        if not len(self.searches):
+            return self.argmax_prompts()
+        return torch.stack([s.best if s.options.accept == "best" else s.prompt for s in self.searches])
 
     def _free_running_logits(self, prompt_emb: torch.Tensor) -> torch.Tensor:
         """GBDA-style: feed the model's own soft predictions back, one position at a time."""
