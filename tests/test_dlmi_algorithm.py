@@ -101,7 +101,7 @@ def test_reaches_exact_match_on_reachable_target(tiny):
 def test_refinement_only_moves_downhill(tiny):
     # The whole target scored (no window growth) and no restarts: each step keeps or lowers the key.
     config = DlmiConfig(prompt_length=4, num_steps=24, check_every=4, compute_dtype="float32", refine_candidates=8,
-                        refine_fraction=1.0, search_window=0, refine_patience=0, refine_accept="improve")
+                        refine_fraction=1.0, search_window=0, refine_patience=0)
     batch = DlmiBatch(tiny, [[9, 10, 11, 12, 13]], config)
     keys = []
     while not batch.finished:
@@ -111,9 +111,9 @@ def test_refinement_only_moves_downhill(tiny):
 
 
 def test_best_acceptance_crosses_plateaus_and_keeps_the_best_prompt(tiny):
-    # The default: every step moves to its best candidate, also when that ranks below the current prompt.
+    # Every step moves to its best candidate, also when that ranks below the current prompt.
     config = DlmiConfig(prompt_length=4, num_steps=24, check_every=4, compute_dtype="float32", refine_candidates=8,
-                        search_window=0)
+                        search_window=0, refine_accept="best")
     batch = DlmiBatch(tiny, [[9, 10, 11, 12, 13]], config)
     search, keys, moves = batch.searches[0], [float(batch.step().loss[0])], 0  # the first step starts the search
     while not batch.finished:

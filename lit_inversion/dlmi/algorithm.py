@@ -88,9 +88,9 @@ class DlmiConfig:
     margin: float = 1.0  # kappa of the hinge: right positions keep this logit gap
     search_window: int = 4  # score the right prefix + this many target positions (0 = the whole target)
     # improve: move only to a better prompt (restarts after refine_patience steps without one) | best:
-    # always move to the best candidate, as GCG (a plateau is crossed sideways; the right prefix ranks
-    # first, so the best candidate almost always keeps it). best measured ahead on fresh k = 1 targets.
-    refine_accept: str = "best"
+    # always move to the best candidate, as GCG (a plateau is crossed sideways). Measured: best 0.41 vs
+    # 0.35 on 4 fresh k = 1 targets, but 0.21 vs 0.30 on a fresh bar set, so improve stays the default.
+    refine_accept: str = "improve"
     refine_sampling: str = "random"  # random: a random draw from each position's top-k | greedy: its best untried ones
     # Faster-GCG's regulariser: rank swaps by standardised gain minus this times standardised embedding
     # distance from the current token (0 = off).
