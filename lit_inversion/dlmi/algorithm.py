@@ -43,6 +43,7 @@ OBJECTIVES = ("hinge", "ce")
 ACCEPTS = ("best", "improve")
 SAMPLINGS = ("random", "greedy")
 
+
 @dataclass
 class DlmiConfig:
     """DLMI settings: the paper's relaxed phase, then refinement; `DlmiConfig.paper()` is the paper's alone."""

@@ -9,8 +9,9 @@ after another, so one batch per slot costs it nothing.)
 
 `step()` steps every occupied slot once, runs each target's honest check every `check_every` of its
 own steps and at its last step (the slots due at one step in one batched greedy decode), takes out
-the targets that matched or ran out of steps, and hands their slots to the next queued targets. `state_dict()` holds every in-flight target's batch state,
-keyed by target id, so a restored pool continues each one where it was.
+the targets that matched or ran out of steps, and hands their slots to the next queued targets.
+`state_dict()` holds every in-flight target's batch state, keyed by target id, so a restored pool
+continues each one where it was.
 """
 
 from __future__ import annotations

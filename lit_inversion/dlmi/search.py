@@ -135,6 +135,11 @@ class PromptScorer:
         return self.head(hidden[:, -w:].contiguous())  # a strided input makes the CPU head ~9x slower
 
 
+def _standardise(x: torch.Tensor) -> torch.Tensor:
+    """Each row of x [P, V] to zero mean and unit standard deviation."""
+    return (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True).clamp(min=1e-12)
+
+
 def lcs_length(a: list[int], b: list[int]) -> int:
     row = [0] * (len(b) + 1)
     for x in a:
@@ -316,10 +321,8 @@ class SwapSearch(nn.Module):
         gain = -(grad[positions].to(E.dtype) @ E.T).float()
         w = self.options.distance_weight
         if w:  # the first-order gain is trusted less far from the current token (Faster-GCG)
-            here = E[self.prompt[positions]].float()
-            dist = ((E.float() ** 2).sum(1)[None] - 2 * here @ E.float().T + (here ** 2).sum(1, keepdim=True)).clamp(min=0).sqrt()
-            z = lambda x: (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True).clamp(min=1e-12)
-            gain = z(gain) - w * z(dist)
+            dist = torch.cdist(E[self.prompt[positions]].float(), E.float())
+            gain = _standardise(gain) - w * _standardise(dist)
         return gain
 
     def _propose(self, gain: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Tensor,
@@ -349,7 +352,8 @@ class SwapSearch(nn.Module):
             per = max(1, o.candidates // len(open_positions))
             rows = []
             for p in sorted(open_positions.tolist()):
-                order = torch.arange(int(finite[p])) if o.sampling == "greedy" else torch.randperm(int(finite[p]), generator=g)
+                usable = int(finite[p])
+                order = torch.arange(usable) if o.sampling == "greedy" else torch.randperm(usable, generator=g)
                 pick = top[p, order[:per]]
                 cand = prompt.repeat(len(pick), 1)
                 cand[:, p] = pick
