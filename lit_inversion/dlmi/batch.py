@@ -314,9 +314,7 @@ class TargetBatch(nn.Module):
     def check(self, only: torch.Tensor | None = None) -> list[DlmiResult]:
         """Greedy-decode from each running target's discrete prompt (or only those in the [B] mask
         `only`); keep the best; stop exact matches."""
-        idx, prompts = self.due_prompts(only)
-        if len(idx):
-            self.take_outputs(idx, prompts, self.decode(prompts, self.target_ids.shape[1]))
+        check_batches([self], [only])
         return [self.result(b) for b in range(self.batch_size)]
 
     @torch.no_grad()
@@ -375,3 +373,20 @@ class TargetBatch(nn.Module):
         for g, s in zip(self.generators, state["generators"]):
             g.set_state(s)
         self._started = time.perf_counter() - float(self.seconds.max())  # buffers are loaded first
+
+
+def check_batches(batches: Sequence[TargetBatch], only: Sequence[torch.Tensor | None] | None = None) -> None:
+    """The honest checks of several batches (a pool's slots) in one batched greedy decode (one decode
+    costs about as much as a few on a CPU: it is bound by reading the weights); each batch then scores
+    its own rows. `only[i]`, if given, masks the rows of batch i to check."""
+    masks = list(only) if only is not None else [None] * len(batches)
+    due = [(batch, *batch.due_prompts(mask)) for batch, mask in zip(batches, masks)]
+    due = [(batch, idx, prompts) for batch, idx, prompts in due if len(idx)]
+    if not due:
+        return
+    longest = max(batch.target_ids.shape[1] for batch, _, _ in due)
+    outputs = due[0][0].decode(torch.cat([prompts for _, _, prompts in due]), longest)
+    start = 0
+    for batch, idx, prompts in due:
+        batch.take_outputs(idx, prompts, outputs[start : start + len(idx)])
+        start += len(idx)

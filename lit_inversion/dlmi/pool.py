@@ -20,11 +20,9 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import torch
-
 from lit_inversion.dlmi.algorithm import DlmiResult
 from lit_inversion.dlmi.baselines import make_batch
-from lit_inversion.dlmi.batch import TargetBatch
+from lit_inversion.dlmi.batch import TargetBatch, check_batches
 from lit_inversion.dlmi.data import OutputTarget
 
 
@@ -102,7 +100,7 @@ class TargetPool:
             out.soft_lcs.append(float(stats.soft_lcs[0]))
             if slot.batch.check_due:
                 due.append(slot)
-        check_together([s.batch for s in due])
+        check_batches([s.batch for s in due])
         out.checked = [(s.target.id, s.batch.result(0)) for s in due]
         for i, slot in enumerate(self.slots):
             if slot is not None and slot.batch.finished:  # matched, or out of steps (or seconds)
@@ -125,21 +123,6 @@ class TargetPool:
             self.queue.clear()
             self._known.difference_update(t.id for t in queued)
             self.enqueue(queued)
-
-
-def check_together(batches: list[TargetBatch]) -> None:
-    """The honest checks of several slots in one batched greedy decode (one decode costs about as much
-    as a few on a CPU: it is bound by reading the weights), then each batch scores its own rows."""
-    due = [(batch, *batch.due_prompts()) for batch in batches]
-    due = [(batch, idx, prompts) for batch, idx, prompts in due if len(idx)]
-    if not due:
-        return
-    longest = max(batch.target_ids.shape[1] for batch, _, _ in due)
-    outputs = due[0][0].decode(torch.cat([prompts for _, _, prompts in due]), longest)
-    start = 0
-    for batch, idx, prompts in due:
-        batch.take_outputs(idx, prompts, outputs[start : start + len(idx)])
-        start += len(idx)
 
 
 def run_pool(loaded, targets: Iterable[OutputTarget], config, slots: int) -> list[tuple[str, DlmiResult]]:
