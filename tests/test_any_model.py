@@ -155,3 +155,20 @@ def test_a_model_that_overflows_for_every_candidate_is_a_clear_error(tiny_models
         with torch.no_grad():
             for block in blocks:
                 block.mlp.down_proj.weight.div_(1e30)
+
+
+def test_converted_gguf_cache_is_keyed_by_contents_not_path(tmp_path):
+    """Each virtual environment holds its own copy of the packaged GGUF file: copies share one
+    converted model, and a file with other contents gets its own."""
+    import os
+
+    from lit_inversion.models import _content_key
+
+    data = os.urandom(9 << 20)  # larger than the head and tail samples together
+    first, second, other = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf", tmp_path / "c.gguf"
+    for path, body in ((first, data), (second, data), (other, data[:-1] + bytes([data[-1] ^ 1]))):
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(body)
+    os.utime(second, ns=(1, 1))
+    assert _content_key(first) == _content_key(second)
+    assert _content_key(first) != _content_key(other)
