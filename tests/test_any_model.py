@@ -3,6 +3,7 @@ tied and untied heads, sliding-window attention, learned positions. Every case m
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from lit_inversion import capture_hidden_states, invert_hidden_states, load_model
 from lit_inversion.errors import InversionError
+from lit_inversion.models import _content_key
 from lit_inversion.sipit.table import first_position_table
 from lit_inversion.states import LayerProbe
 from lit_inversion.tokens import context_prefix
@@ -160,10 +162,6 @@ def test_a_model_that_overflows_for_every_candidate_is_a_clear_error(tiny_models
 def test_converted_gguf_cache_is_keyed_by_contents_not_path(tmp_path):
     """Each virtual environment holds its own copy of the packaged GGUF file: copies share one
     converted model, and a file with other contents gets its own."""
-    import os
-
-    from lit_inversion.models import _content_key
-
     data = os.urandom(9 << 20)  # larger than the head and tail samples together
     first, second, other = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf", tmp_path / "c.gguf"
     for path, body in ((first, data), (second, data), (other, data[:-1] + bytes([data[-1] ^ 1]))):
