@@ -39,7 +39,8 @@ from lit_inversion.sipit.pez import PezConfig, invert_pez
 from lit_inversion.sipit.index import build_index
 from lit_inversion.sipit.table import first_position_table
 from lit_inversion.sipit.token_map import learned_token_map
-from lit_inversion.states import LayerProbe, expand_cache, find_blocks, full_forward, resolve_dtype
+from lit_inversion.precision import resolve_dtype
+from lit_inversion.states import LayerProbe, expand_cache, find_blocks, full_forward
 from lit_inversion.tokens import context_prefix
 
 ROOT = Path(__file__).resolve().parents[1]

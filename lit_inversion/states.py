@@ -22,6 +22,7 @@ from torch import nn
 
 from lit_inversion.errors import InversionError
 from lit_inversion.models import LoadedModel
+from lit_inversion.precision import exact_float32
 
 
 class _Captured(Exception):
@@ -126,7 +127,8 @@ class LayerProbe:
         else:
             kwargs["input_ids"] = input_ids
         try:
-            self.backbone(**kwargs)
+            with exact_float32():  # a TF32 state misses the verifier's tolerance
+                self.backbone(**kwargs)
         except _Captured as captured:
             return captured.state
         raise RuntimeError("the probed block never ran")  # pragma: no cover
@@ -182,18 +184,6 @@ def expand_cache(cache, batch: int):
 
 def cache_length(cache) -> int:
     return 0 if cache is None else int(cache.get_seq_length())
-
-
-@functools.lru_cache(maxsize=None)  # the chains ask on every step; the answer never changes
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """A dtype option; "auto" picks bfloat16 only where it is fast (CUDA, or a CPU with bf16 units)."""
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-        return torch.bfloat16
-    return torch.float32
 
 
 # float16's largest finite value is 65,504; real models' deep states reach that (Gemma-3's exceed it) and

@@ -84,7 +84,7 @@ def test_cache(tmp_path_factory) -> Path:
     """A cache dir of the tests' own. Converted real models already in the user's cache are linked in
     (read only, so the real model loads in seconds); everything the tests write, such as the tables of
     tiny random models, stays in the temp dir."""
-    from lit_inversion.models import cache_dir
+    from lit_inversion.cache import cache_dir
 
     cache = tmp_path_factory.mktemp("lit_inversion_cache")
     real = cache_dir()

@@ -153,7 +153,7 @@ def test_verbose_brings_the_library_messages_back(tmp_path, tiny_llama_dir):
 
 def test_tests_never_write_to_the_users_cache(tiny_llama, test_cache, monkeypatch):
     """The tests' tables go to their own cache dir (the user's may hold real, expensive tables)."""
-    from lit_inversion.models import cache_dir
+    from lit_inversion.cache import cache_dir
     from lit_inversion.sipit.table import first_position_table
     from lit_inversion.states import LayerProbe
 

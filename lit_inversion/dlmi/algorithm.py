@@ -31,7 +31,7 @@ from torch import nn
 
 from lit_inversion.dlmi import relax, search
 from lit_inversion.dlmi.batch import (DTYPES, DlmiResult, StepStats, TargetBatch, anchor_ids,  # noqa: F401
-                                      greedy_decode, on_model_device, repeat_prompt, resolve_dtype,
+                                      greedy_decode, repeat_prompt, resolve_dtype,
                                       target_seed, validate_targets)
 from lit_inversion.errors import InversionError
 from lit_inversion.metrics import lcs_ratio
@@ -184,27 +184,28 @@ class DlmiBatch(TargetBatch):
                  keys: Sequence[object] | None = None):
         super().__init__(loaded, targets, config, keys)
         c = config
-        with self.on_device():
-            B, N, V = self.batch_size, c.prompt_length, loaded.vocab_size
-            phi_width = 1 if c.temperature == "shared" else N
-            z = torch.stack([torch.randn(N, V, generator=g) for g in self.generators])
-            phi = torch.stack([torch.rand(phi_width, generator=g) for g in self.generators])
-            self.logits = nn.Parameter(z)  # Z, one [N, V] row block per target
-            self.phi = nn.Parameter(phi, requires_grad=c.temperature != "fixed")
-            params = [self.logits] + ([self.phi] if c.temperature != "fixed" else [])
-            self.optimizer = torch.optim.Adam(params, lr=c.learning_rate)
-            # Restart points of the search with init="repeat": the `anchor t1 .. anchor` prompts, best first.
-            seeds = self._repeat_prompts() if c.init == "repeat" else z.argmax(-1)[:, None].clone()
-            self.register_buffer("seeds", seeds)
-            if c.init == "repeat":
-                with torch.no_grad():
-                    self.logits[torch.arange(B)[:, None], torch.arange(N)[None], seeds[:, 0]] += c.init_scale
-            self.best_prompt.copy_(self.argmax_prompts())
-            # One swap search per target (the refinement); started when the relaxed phase ends.
-            options = self.swap_options()
-            self.searches = nn.ModuleList(
-                [self._swap_search(b, self.best_prompt[b], options, seeds[b] if c.init == "repeat" else None)
-                 for b in range(B)] if c.refine_steps else [])
+        device = self.device
+        B, N, V = self.batch_size, c.prompt_length, loaded.vocab_size
+        phi_width = 1 if c.temperature == "shared" else N
+        z = torch.stack([torch.randn(N, V, generator=g, device=device) for g in self.generators])
+        phi = torch.stack([torch.rand(phi_width, generator=g, device=device) for g in self.generators])
+        self.logits = nn.Parameter(z)  # Z, one [N, V] row block per target
+        self.phi = nn.Parameter(phi, requires_grad=c.temperature != "fixed")
+        params = [self.logits] + ([self.phi] if c.temperature != "fixed" else [])
+        self.optimizer = torch.optim.Adam(params, lr=c.learning_rate)
+        # Restart points of the search with init="repeat": the `anchor t1 .. anchor` prompts, best first.
+        seeds = self._repeat_prompts() if c.init == "repeat" else z.argmax(-1)[:, None].clone()
+        self.register_buffer("seeds", seeds)
+        if c.init == "repeat":
+            with torch.no_grad():
+                rows, cols = torch.arange(B, device=device)[:, None], torch.arange(N, device=device)[None]
+                self.logits[rows, cols, seeds[:, 0]] += c.init_scale
+        self.best_prompt.copy_(self.argmax_prompts())
+        # One swap search per target (the refinement); started when the relaxed phase ends.
+        options = self.swap_options()
+        self.searches = nn.ModuleList(
+            [self._swap_search(b, self.best_prompt[b], options, seeds[b] if c.init == "repeat" else None)
+             for b in range(B)] if c.refine_steps else [])
 
     @property
     def relax_topk(self) -> int:
@@ -230,7 +231,7 @@ class DlmiBatch(TargetBatch):
         c = self.config
         B, N = self.batch_size, c.prompt_length
         if c.temperature == "fixed":
-            return torch.full((B, N), float(c.fixed_tau))
+            return torch.full((B, N), float(c.fixed_tau), device=self.device)
         return (c.eps + c.tau0 * (1 + torch.tanh(self.phi))).expand(B, N)
 
     def argmax_prompts(self) -> torch.Tensor:
@@ -261,7 +262,7 @@ class DlmiBatch(TargetBatch):
         R = prompt_emb.shape[0]
         M = self.target_ids.shape[1]
         head, base = self.loaded.model.get_output_embeddings(), self.loaded.model.base_model
-        parts = [E[torch.tensor(self.prefix, dtype=torch.long)].expand(R, -1, -1)] if self.prefix else []
+        parts = [E[torch.tensor(self.prefix, dtype=torch.long, device=E.device)].expand(R, -1, -1)] if self.prefix else []
         x = torch.cat([p.to(prompt_emb.dtype) for p in parts] + [prompt_emb], 1)
         out = base(inputs_embeds=x, use_cache=True)
         logits = [head(out.last_hidden_state[:, -1:])]
@@ -272,7 +273,6 @@ class DlmiBatch(TargetBatch):
         return torch.cat(logits, 1)
 
     # ----- one step -------------------------------------------------------------------------------
-    @on_model_device
     def step(self) -> StepStats:
         """One optimisation step for every running target (all running targets share a phase)."""
         idx = self.active()
@@ -287,7 +287,7 @@ class DlmiBatch(TargetBatch):
         else:
             stats = self._stats("relaxed")
             loss, tau = self._relaxed_step(idx)
-            stats.loss[idx], stats.tau[idx] = loss.float().cpu(), tau.float().cpu()
+            stats.loss[idx], stats.tau[idx] = loss.float(), tau.float()
         self._finish_step(idx)
         stats.soft_lcs = self.soft_lcs.clone()
         return stats
@@ -310,7 +310,7 @@ class DlmiBatch(TargetBatch):
         ids = None
         if k:  # sparse: gradients reach only the gathered logits
             ids = relax.support(self.logits[idx], k, self.best_prompt[idx])
-            z = self.logits[idx[:, None, None], torch.arange(N)[None, :, None], ids]  # [A, N, k]
+            z = self.logits[idx[:, None, None], torch.arange(N, device=idx.device)[None, :, None], ids]  # [A, N, k]
         else:
             z = self.logits[idx]
         # Gumbel noise per target from its own generator: independent of the batch composition.
@@ -328,18 +328,20 @@ class DlmiBatch(TargetBatch):
         per_target = row_loss.view(len(idx), S).mean(1)
         per_target.sum().backward()  # a sum keeps each target's gradient independent of the batch
         self._masked_optimizer_step(idx)
-        lcs = torch.tensor(self._lcs_rows(logits.detach().argmax(-1), rows)).view(len(idx), S).mean(1)
+        lcs = torch.tensor(self._lcs_rows(logits.detach().argmax(-1), rows), device=idx.device).view(len(idx), S).mean(1)
         self.soft_lcs[idx] = lcs
         return per_target.detach(), tau.detach().mean(1)
 
     def _masked_optimizer_step(self, idx: torch.Tensor) -> None:
         """Adam step that leaves stopped targets' parameters untouched (their moments may decay)."""
-        frozen = torch.ones(self.batch_size, dtype=torch.bool)
+        if len(idx) == self.batch_size:  # the usual case (one target per pool slot): nothing to restore
+            self.optimizer.step()
+            return
+        frozen = torch.ones(self.batch_size, dtype=torch.bool, device=idx.device)
         frozen[idx] = False
-        saved = (self.logits.data[frozen].clone(), self.phi.data[frozen].clone()) if frozen.any() else None
+        saved = (self.logits.data[frozen].clone(), self.phi.data[frozen].clone())
         self.optimizer.step()
-        if saved is not None:
-            self.logits.data[frozen], self.phi.data[frozen] = saved
+        self.logits.data[frozen], self.phi.data[frozen] = saved
 
     @torch.no_grad()
     def _repeat_prompts(self) -> torch.Tensor:
@@ -349,8 +351,8 @@ class DlmiBatch(TargetBatch):
         best = []
         for b, n in enumerate(self.lengths):
             target = self.target_ids[b, :n].tolist()
-            options = torch.tensor([repeat_prompt(target, c.prompt_length, a) for a in anchors])
-            keys = self._discrete_key(options, torch.full((len(anchors),), b))
+            options = torch.tensor([repeat_prompt(target, c.prompt_length, a) for a in anchors], device=self.device)
+            keys = self._discrete_key(options, torch.full((len(anchors),), b, device=self.device))
             best.append(options[keys.argsort()])
         return torch.stack(best)
 
@@ -386,9 +388,9 @@ class DlmiBatch(TargetBatch):
             for a in anchor_ids(self.loaded.tokenizer, c.init_anchors):
                 fill = [a] * c.prompt_length
                 if self.allowed[b, a] and search.lcs_length(fill, target) <= self.copy_limit * len(target):
-                    options.append(torch.tensor(fill))
+                    options.append(torch.tensor(fill, device=self.device))
             options = torch.stack(options)
-            start = options[self._discrete_key(options, torch.full((len(options),), b)).argmin()]
+            start = options[self._discrete_key(options, torch.full((len(options),), b, device=self.device)).argmin()]
         self.searches[b].reset(start, forget_best=True)
 
     def _refine_step(self, idx: torch.Tensor) -> torch.Tensor:
@@ -405,7 +407,7 @@ class DlmiBatch(TargetBatch):
                 self.soft_lcs[b] = lcs_ratio(out.pred.tolist(), self.target(b).tolist())
                 self.exact_due[b] = out.exact_due
                 keys.append(out.key)
-        return torch.tensor(keys)
+        return torch.tensor(keys, device=self.device)
 
     def _swap_tokens(self, b: int) -> int:
         """ACG's schedule: `swap_tokens` positions per candidate at the search's start, 1 from half way."""

@@ -12,7 +12,6 @@ The honest check decodes greedily from the discrete prompt and scores that again
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import math
@@ -28,19 +27,8 @@ from lit_inversion.dlmi import search
 from lit_inversion.dlmi.vocab import allowed_tokens, forbidden_for_target
 from lit_inversion.errors import InversionError
 from lit_inversion.metrics import lcs_ratio
+from lit_inversion.precision import DTYPES, resolve_dtype  # noqa: F401 (re-exported)
 from lit_inversion.tokens import check_ids, context_prefix, decode
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The compute dtype `name` stands for on `device` ("auto": bf16 where it is native)."""
-    if name != "auto":
-        return DTYPES[name]
-    if device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()):
-        return torch.bfloat16
-    return torch.float32
-
 
 @dataclass
 class DlmiResult:
@@ -92,17 +80,6 @@ def target_seed(seed: int, key: object) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
-def on_model_device(method):
-    """Run a batch method with tensor factories on the model's device (see `TargetBatch.on_device`)."""
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with self.on_device():
-            return method(self, *args, **kwargs)
-
-    return wrapper
-
-
 @torch.no_grad()
 def greedy_decode(model: nn.Module, input_ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """[B, num_tokens] greedy continuation (no sampling, no early stop at EOS), with a KV cache."""
@@ -148,40 +125,40 @@ class TargetBatch(nn.Module):
         super().__init__()
         validate_targets(loaded, targets, config)
         self.loaded, self.config = loaded, config
-        with self.on_device():  # every tensor of the batch lives on the model's device
-            self.keys = [tuple(int(i) for i in t) for t in targets] if keys is None else list(keys)
-            B, N = len(targets), config.prompt_length
-            self.lengths = [len(t) for t in targets]
-            M = max(self.lengths)
-            padded = torch.zeros(B, M, dtype=torch.long)
-            for b, t in enumerate(targets):
-                padded[b, : len(t)] = torch.tensor([int(i) for i in t])
-            self.register_buffer("target_ids", padded)
-            self.register_buffer("target_mask", torch.arange(M)[None] < torch.tensor(self.lengths)[:, None])
-            self.prefix = context_prefix(loaded.bos_id, config.prepend_bos)
-            self.generators = [torch.Generator(device=self.device).manual_seed(target_seed(config.seed, k))
-                               for k in self.keys]
-            self.register_buffer("steps", torch.zeros(B, dtype=torch.long))
-            self.register_buffer("done", torch.zeros(B, dtype=torch.bool))  # exact match found: frozen
-            self.register_buffer("exact_due", torch.zeros(B, dtype=torch.bool))  # teacher forcing says exact: check
-            # Tokens a discrete search may put in, per target (special tokens, copy rules).
-            self.register_buffer("allowed", self._allowed_tokens(), persistent=False)
-            self.register_buffer("best_prompt", torch.zeros(B, N, dtype=torch.long))
-            self.register_buffer("best_output", torch.zeros(B, M, dtype=torch.long))
-            self.register_buffer("checked", torch.full((B, N), -1, dtype=torch.long))  # last prompt checked
-            self.register_buffer("best_lcs", torch.full((B,), -1.0))
-            self.register_buffer("soft_lcs", torch.zeros(B))
-            self.register_buffer("seconds", torch.zeros(B, dtype=torch.float64))
-            self._started = time.perf_counter()
+        # Every tensor of the batch lives on the model's device, named at each factory call.
+        device = self.device
+        self.keys = [tuple(int(i) for i in t) for t in targets] if keys is None else list(keys)
+        B, N = len(targets), config.prompt_length
+        self.lengths = [len(t) for t in targets]
+        M = max(self.lengths)
+        padded = torch.zeros(B, M, dtype=torch.long, device=device)
+        for b, t in enumerate(targets):
+            padded[b, : len(t)] = torch.tensor([int(i) for i in t], device=device)
+        self.register_buffer("target_ids", padded)
+        lengths = torch.tensor(self.lengths, device=device)
+        self.register_buffer("target_mask", torch.arange(M, device=device)[None] < lengths[:, None])
+        self.prefix = context_prefix(loaded.bos_id, config.prepend_bos)
+        self.generators = [torch.Generator(device=device).manual_seed(target_seed(config.seed, k))
+                           for k in self.keys]
+        self.register_buffer("steps", torch.zeros(B, dtype=torch.long, device=device))
+        self.register_buffer("done", torch.zeros(B, dtype=torch.bool, device=device))  # exact match found: frozen
+        # teacher forcing says exact: check
+        self.register_buffer("exact_due", torch.zeros(B, dtype=torch.bool, device=device))
+        # Tokens a discrete search may put in, per target (special tokens, copy rules).
+        self.register_buffer("allowed", self._allowed_tokens(), persistent=False)
+        self.register_buffer("best_prompt", torch.zeros(B, N, dtype=torch.long, device=device))
+        self.register_buffer("best_output", torch.zeros(B, M, dtype=torch.long, device=device))
+        # The last prompt checked.
+        self.register_buffer("checked", torch.full((B, N), -1, dtype=torch.long, device=device))
+        self.register_buffer("best_lcs", torch.full((B,), -1.0, device=device))
+        self.register_buffer("soft_lcs", torch.zeros(B, device=device))
+        self.register_buffer("seconds", torch.zeros(B, dtype=torch.float64, device=device))
+        self._started = time.perf_counter()
 
     # ----- basics -------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         return self._embeddings.device
-
-    def on_device(self):
-        """Tensor factories inside default to the model's device (nothing to do on CPU)."""
-        return contextlib.nullcontext() if self.device.type == "cpu" else torch.device(self.device)
 
     @property
     def batch_size(self) -> int:
@@ -218,7 +195,8 @@ class TargetBatch(nn.Module):
 
     def _stats(self, phase: str) -> StepStats:
         B = self.batch_size
-        return StepStats(torch.full((B,), math.nan), torch.full((B,), math.nan), self.soft_lcs.clone(), phase)
+        nan = torch.full((B,), math.nan, device=self.device)
+        return StepStats(nan, nan.clone(), self.soft_lcs.clone(), phase)
 
     def _finish_step(self, idx: torch.Tensor) -> None:
         """Count the step; candidates are exact checks, so a flagged match is confirmed by greedy decoding now."""
@@ -242,7 +220,7 @@ class TargetBatch(nn.Module):
         E = self._embeddings
         R, N = prompt_emb.shape[:2]
         M = self.target_ids.shape[1]
-        parts = [E[torch.tensor(self.prefix, dtype=torch.long)].expand(R, -1, -1)] if self.prefix else []
+        parts = [E[torch.tensor(self.prefix, dtype=torch.long, device=E.device)].expand(R, -1, -1)] if self.prefix else []
         parts += [prompt_emb, E[self.target_ids[rows, :-1]]]
         x = torch.cat([p.to(prompt_emb.dtype) for p in parts], 1)
         hidden = self.loaded.model.base_model(inputs_embeds=x, use_cache=False).last_hidden_state
@@ -280,7 +258,7 @@ class TargetBatch(nn.Module):
             if c.forbid_target_tokens:
                 row &= ~forbidden_for_target(tok, V, self.target_ids[b, :n].tolist())
             rows.append(row)
-        return torch.stack(rows)
+        return torch.stack(rows).to(self.device)
 
     @property
     def copy_limit(self) -> float:
@@ -292,7 +270,8 @@ class TargetBatch(nn.Module):
         choices = torch.nonzero(self.allowed[b]).flatten()
         target = self.target(b).tolist()
         for _ in range(100):
-            prompt = choices[torch.randint(len(choices), (self.config.prompt_length,), generator=self.generators[b])]
+            prompt = choices[torch.randint(len(choices), (self.config.prompt_length,), generator=self.generators[b],
+                                           device=self.device)]
             if search.lcs_length(prompt.tolist(), target) <= self.copy_limit * len(target):
                 break
         return prompt
@@ -310,7 +289,6 @@ class TargetBatch(nn.Module):
 
     # ----- honest check -------------------------------------------------------------------------
     @torch.no_grad()
-    @on_model_device
     def check(self, only: torch.Tensor | None = None) -> list[DlmiResult]:
         """Greedy-decode from each running target's discrete prompt (or only those in the [B] mask
         `only`); keep the best; stop exact matches."""
@@ -318,7 +296,6 @@ class TargetBatch(nn.Module):
         return [self.result(b) for b in range(self.batch_size)]
 
     @torch.no_grad()
-    @on_model_device
     def due_prompts(self, only: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows [R], prompts [R, N]) the honest check decodes: running targets (or those in the mask
         `only`) whose discrete prompt it has not decoded yet (the same prompt decodes the same way)."""
@@ -329,10 +306,9 @@ class TargetBatch(nn.Module):
         return idx, prompts[idx]
 
     @torch.no_grad()
-    @on_model_device
     def decode(self, prompts: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """[R, num_tokens] greedy continuations of prompts [R, N] (after the BOS prefix)."""
-        prefix = torch.tensor(self.prefix, dtype=torch.long).expand(len(prompts), -1)
+        prefix = torch.tensor(self.prefix, dtype=torch.long, device=prompts.device).expand(len(prompts), -1)
         # The honest check decodes in the model's own dtype, also under a trainer's mixed precision.
         with torch.autocast(self._embeddings.device.type, enabled=False):
             return greedy_decode(self.loaded.model, torch.cat([prefix, prompts], 1), num_tokens)
@@ -367,12 +343,23 @@ class TargetBatch(nn.Module):
     # Extra state travels with nn.Module.state_dict(), also when this batch is a submodule, so a
     # checkpoint resumes the noise exactly; subclasses add their optimizer.
     def get_extra_state(self) -> dict:
-        return {"generators": [g.get_state() for g in self.generators]}
+        return {"generators": [g.get_state() for g in self.generators], "generator_device": self.device.type}
 
     def set_extra_state(self, state: dict) -> None:
-        for g, s in zip(self.generators, state["generators"]):
-            g.set_state(s)
+        for g, saved in zip(self.generators, state["generators"]):
+            restore_generator(g, saved, state.get("generator_device", "cpu"))
         self._started = time.perf_counter() - float(self.seconds.max())  # buffers are loaded first
+
+
+def restore_generator(generator: torch.Generator, saved: torch.Tensor, saved_on: str) -> None:
+    """Restore a generator state saved on `saved_on` ("cpu", "cuda"). CPU and CUDA generators have
+    different state formats, so a run resumed on the other kind of device continues from a seed derived
+    from the saved state: deterministic for that checkpoint, but not the stream the first device drew."""
+    if saved_on == generator.device.type:
+        generator.set_state(saved)
+        return
+    digest = hashlib.sha256(saved.cpu().numpy().tobytes()).digest()
+    generator.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 def check_batches(batches: Sequence[TargetBatch], only: Sequence[torch.Tensor | None] | None = None) -> None:

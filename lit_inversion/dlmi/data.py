@@ -101,7 +101,7 @@ class OutputTargetsDataModule(L.LightningDataModule):
         todo = [t for t in targets if t.id not in done]
         module.announce_targets(len(targets), len(todo))
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        self.targets = [t for t in shard(todo, rank, world) if t is not None]
+        self.targets = [t for t in shard(todo, rank, world, size=lambda t: len(t.ids)) if t is not None]
         # The same count on every rank (the largest shard's bound), so ranks stay in step; at least one
         # tick, so a run with nothing to do still ends through the module's hooks.
         largest = math.ceil(len(todo) / world)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lit_inversion.dlmi import search
-from lit_inversion.dlmi.batch import StepStats, TargetBatch, on_model_device
+from lit_inversion.dlmi.batch import StepStats, TargetBatch
 from lit_inversion.dlmi.search import is_out_of_memory, map_with_backoff  # noqa: F401 (re-exported)
 from lit_inversion.dlmi.vocab import allowed_tokens, retokenization_mask  # noqa: F401 (re-exported)
 from lit_inversion.errors import InversionError
@@ -34,10 +34,9 @@ class GcgBatch(TargetBatch):
     def __init__(self, loaded, targets, config, keys=None):
         super().__init__(loaded, targets, config, keys)
         options = self.swap_options()
-        with self.on_device():
-            start = self._start_prompts()
-            self.best_prompt.copy_(start)
-            self.searches = nn.ModuleList([self._swap_search(b, start[b], options) for b in range(self.batch_size)])
+        start = self._start_prompts()
+        self.best_prompt.copy_(start)
+        self.searches = nn.ModuleList([self._swap_search(b, start[b], options) for b in range(self.batch_size)])
 
     def swap_options(self) -> search.SwapOptions:
         """nanoGCG: mean cross-entropy over the whole target, always move to the best candidate."""
@@ -67,7 +66,7 @@ class GcgBatch(TargetBatch):
             if len(ids) != 1:
                 raise InversionError(f"fill_token {c.fill_token!r} is {len(ids)} tokens for this tokenizer: "
                                      "give a one-token string (nanoGCG uses 'x', GCG '!'), or null for a random start")
-            return torch.full((B, N), ids[0], dtype=torch.long)
+            return torch.full((B, N), ids[0], dtype=torch.long, device=self.device)
         return torch.stack([self._round_trip_prompt(b) for b in range(B)])
 
     def _round_trip_prompt(self, b: int, tries: int = 16) -> torch.Tensor:
@@ -77,14 +76,13 @@ class GcgBatch(TargetBatch):
         prompt: list[int] = []
         for _ in range(self.config.prompt_length):
             for _ in range(tries):
-                token = int(choices[torch.randint(len(choices), (1,), generator=generator)])
-                if not self.config.filter_ids or bool(retokenization_mask(self.loaded.tokenizer,
-                                                                          torch.tensor([prompt + [token]]))[0]):
+                token = int(choices[torch.randint(len(choices), (1,), generator=generator, device=generator.device)])
+                if not self.config.filter_ids or bool(retokenization_mask(
+                        self.loaded.tokenizer, torch.tensor([prompt + [token]], device="cpu"))[0]):
                     break
             prompt.append(token)
-        return torch.tensor(prompt)
+        return torch.tensor(prompt, device=self.device)
 
-    @on_model_device
     def step(self) -> StepStats:
         """One GCG step for every running target, one target after another (see DlmiBatch._refine_step)."""
         idx = self.active()

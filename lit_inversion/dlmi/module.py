@@ -24,6 +24,8 @@ import math
 import typing
 from dataclasses import fields, replace
 
+import torch
+
 from lit_inversion.dlmi.algorithm import DlmiResult
 from lit_inversion.dlmi.baselines import LABELS, BaselineConfig, method_config
 from lit_inversion.console import say
@@ -34,6 +36,7 @@ from lit_inversion.errors import InversionError
 from lit_inversion.job import InversionJob
 from lit_inversion.metrics import ExactMatch, LCSRatio
 from lit_inversion.models import DEFAULT_MODEL
+from lit_inversion.precision import DTYPES
 from lit_inversion.tokens import decode
 from lit_inversion.tracking import log_scalars, log_text, markdown_table
 
@@ -57,8 +60,10 @@ class DlmiModule(InversionJob):
     progress_unit = "steps"  # one training step is one optimisation step of every slot
 
     def __init__(self, model_name_or_path: str = DEFAULT_MODEL, checkpoint_every: int = 32,
-                 results_path: str = "results/dlmi.jsonl", **options):
-        super().__init__(model_name_or_path, results_path)
+                 results_path: str = "results/dlmi.jsonl", dtype: str = "auto", **options):
+        super().__init__(model_name_or_path, results_path, dtype)
+        if dtype not in ("auto", *DTYPES):
+            raise InversionError(f"dtype must be auto, {', '.join(DTYPES)} (got {dtype!r})")
         unknown = set(options) - set(CONFIG_FIELDS)
         if unknown:
             raise InversionError(f"unknown DLMI option(s) {sorted(unknown)}: see lit_inversion.dlmi.BaselineConfig")
@@ -67,7 +72,7 @@ class DlmiModule(InversionJob):
         # Not save_hyperparameters(): it reads the (generated) signature's names from this frame's locals,
         # where the config fields are not; this is what it stores.
         self._set_hparams({"model_name_or_path": model_name_or_path, "checkpoint_every": checkpoint_every,
-                           "results_path": results_path, **options})
+                           "results_path": results_path, "dtype": dtype, **options})
         self._hparams_initial = copy.deepcopy(self._hparams)
         given = {name: value for name, value in options.items() if value is not None and name != "method"}
         self.config = method_config(options.get("method") or "dlmi", **given)  # unset: the method's defaults
@@ -78,6 +83,13 @@ class DlmiModule(InversionJob):
         self.pool: TargetPool | None = None  # not a submodule: its state travels in on_save_checkpoint
         self._finished_rows: list[list[str]] = []
         self._saved_slots: dict[str, dict] = {}  # in-flight targets restored from a checkpoint
+
+    def model_dtype(self, device) -> str:
+        """"auto": bfloat16 on a GPU (the optimisation and the honest check run in the dtype served), else
+        float32 (a CPU without bf16 units emulates it several times slower)."""
+        if self._dtype != "auto":
+            return self._dtype
+        return "bfloat16" if torch.device(device).type == "cuda" else "float32"
 
     @property
     def checkpoint_interval(self) -> int:

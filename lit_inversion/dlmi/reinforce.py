@@ -15,7 +15,7 @@ import copy
 import torch
 from torch import nn
 
-from lit_inversion.dlmi.batch import StepStats, TargetBatch, on_model_device
+from lit_inversion.dlmi.batch import StepStats, TargetBatch
 
 
 def ema_update(baseline: torch.Tensor, reward: torch.Tensor, decay: float) -> torch.Tensor:
@@ -28,22 +28,20 @@ class ReinforceBatch(TargetBatch):
 
     def __init__(self, loaded, targets, config, keys=None):
         super().__init__(loaded, targets, config, keys)
-        with self.on_device():
-            N, V = config.prompt_length, loaded.vocab_size
-            self.logits = nn.Parameter(torch.stack([torch.randn(N, V, generator=g) for g in self.generators]))
-            self.optimizer = torch.optim.Adam([self.logits], lr=config.learning_rate)
-            self.register_buffer("reward_baseline", torch.full((self.batch_size,), float("nan")))
-            self.best_prompt.copy_(self.discrete_prompts())
+        N, V, device = config.prompt_length, loaded.vocab_size, self.device
+        self.logits = nn.Parameter(torch.stack([torch.randn(N, V, generator=g, device=device) for g in self.generators]))
+        self.optimizer = torch.optim.Adam([self.logits], lr=config.learning_rate)
+        self.register_buffer("reward_baseline", torch.full((self.batch_size,), float("nan"), device=device))
+        self.best_prompt.copy_(self.discrete_prompts())
 
     def discrete_prompts(self) -> torch.Tensor:
         return self.logits.detach().argmax(-1)
 
-    @on_model_device
     def step(self) -> StepStats:
         idx = self.active()
         stats = self._stats(self.phase)
         if len(idx):
-            stats.loss[idx] = self._reinforce_step(idx).float().cpu()
+            stats.loss[idx] = self._reinforce_step(idx).float()
         self._finish_step(idx)
         stats.soft_lcs = self.soft_lcs.clone()
         return stats
@@ -67,17 +65,18 @@ class ReinforceBatch(TargetBatch):
         self.reward_baseline[idx] = ema_update(baseline, mean_reward, c.baseline_decay)
 
         log_probs = torch.log_softmax(logits.float(), -1)
-        picked = log_probs[torch.arange(A)[:, None, None], torch.arange(N)[None, None, :], samples]  # [A, S, N]
+        rows_a, cols = torch.arange(A, device=idx.device)[:, None, None], torch.arange(N, device=idx.device)[None, None, :]
+        picked = log_probs[rows_a, cols, samples]  # [A, S, N]
         surrogate = -(advantage * picked.sum(-1)).mean(1)  # [A]; its gradient is the REINFORCE estimate
         self.optimizer.zero_grad(set_to_none=True)
         surrogate.sum().backward()  # a sum keeps each target's gradient independent of the batch
         # Stopped targets keep their Z (their Adam moments may decay).
-        frozen = torch.ones(self.batch_size, dtype=torch.bool)
+        frozen = torch.ones(self.batch_size, dtype=torch.bool, device=idx.device)
         frozen[idx] = False
         saved = self.logits.data[frozen].clone()
         self.optimizer.step()
         self.logits.data[frozen] = saved
-        self.soft_lcs[idx] = torch.tensor(self._lcs_rows(tf_logits.argmax(-1), rows)).view(A, S).mean(1)
+        self.soft_lcs[idx] = torch.tensor(self._lcs_rows(tf_logits.argmax(-1), rows), device=idx.device).view(A, S).mean(1)
         return ce.mean(1)
 
     def get_extra_state(self) -> dict:

@@ -44,7 +44,7 @@ def support(logits: torch.Tensor, k: int, keep: torch.Tensor | None = None) -> t
 
 def gumbel(shape: tuple[int, ...], generator: torch.Generator, eps: float) -> torch.Tensor:
     """Gumbel noise -log(-log u), u ~ U(eps, 0.999)."""
-    u = torch.rand(shape, generator=generator)
+    u = torch.rand(shape, generator=generator, device=generator.device)
     return -torch.log(-torch.log(eps + (0.999 - eps) * u))
 
 
@@ -57,7 +57,7 @@ def mix(p: torch.Tensor, E: torch.Tensor, ids: torch.Tensor | None = None) -> to
     """[A*S, N, d] soft embeddings of p [A, S, N, K] over the support `ids` [A, N, K] (None: K = V, the
     whole vocabulary in order)."""
     if ids is None:
-        return p.flatten(0, 1) @ E
+        return p.flatten(0, 1).to(E.dtype) @ E  # a half-precision model: its own dtype
     rows = E[ids]  # [A, N, K, d]: k rows per position instead of a [V, d] matmul
     return torch.einsum("asnk,ankd->asnd", p.to(rows.dtype), rows).flatten(0, 1)
 

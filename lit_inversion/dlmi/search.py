@@ -76,7 +76,7 @@ def score(logits: torch.Tensor, target: torch.Tensor, objective: str, kappa: flo
     lead = right.long().cumprod(1).sum(1)
     first = lead.clamp(max=target.shape[0] - 1)
     weight = torch.ones_like(loss)
-    weight[torch.arange(loss.shape[0]), first] += (first_weight - 1.0) * (lead < target.shape[0]).float()
+    weight[torch.arange(loss.shape[0], device=loss.device), first] += (first_weight - 1.0) * (lead < target.shape[0]).float()
     total = (loss * weight).sum(1)
     key = (target.shape[0] - lead).double() * BIG + total.detach().double()
     return Scored(lead, key, pred), total
@@ -98,7 +98,7 @@ class PromptScorer:
         """(logits [1, w, V], prompt embeddings [1, N, d] with grad, detached cache) for one prompt [N]."""
         w = target.shape[0]
         emb = self._embed(prompt[None]).detach().requires_grad_(True)
-        parts = [self._embed(torch.tensor([self.prefix], dtype=torch.long))] if self.prefix else []
+        parts = [self._embed(torch.tensor([self.prefix], dtype=torch.long, device=self.E.device))] if self.prefix else []
         parts += [emb, self._embed(target[None, : w - 1])]
         out = self.base(inputs_embeds=torch.cat(parts, 1), use_cache=self.share_prefix)
         hidden = out.last_hidden_state[:, -w:].contiguous()  # a strided input makes the CPU head ~9x slower
@@ -129,7 +129,7 @@ class PromptScorer:
                                 config=self.model.config)
             hidden = self.base(inputs_embeds=self._embed(ids), past_key_values=past, use_cache=True).last_hidden_state
         else:
-            head = torch.tensor(self.prefix, dtype=torch.long).expand(K, -1)
+            head = torch.tensor(self.prefix, dtype=torch.long, device=prompts.device).expand(K, -1)
             ids = torch.cat([head, prompts, rest], 1)
             hidden = self.base(inputs_embeds=self._embed(ids), use_cache=False).last_hidden_state
         return self.head(hidden[:, -w:].contiguous())  # a strided input makes the CPU head ~9x slower
@@ -237,20 +237,20 @@ class SwapSearch(nn.Module):
         super().__init__()
         self.scorer, self.options, self.generator, self.tokenizer = scorer, options, generator, tokenizer
         self.random_prompt = random_prompt
-        N, V = prompt.shape[0], allowed.shape[0]
+        N, V, device = prompt.shape[0], allowed.shape[0], prompt.device
         self.register_buffer("target", target.clone(), persistent=False)
         self.register_buffer("allowed", allowed, persistent=False)
-        self.register_buffer("seeds", seeds if seeds is not None else torch.zeros(0, N, dtype=torch.long),
+        self.register_buffer("seeds", seeds if seeds is not None else torch.zeros(0, N, dtype=torch.long, device=device),
                              persistent=False)
         self.register_buffer("prompt", prompt.clone())
-        self.register_buffer("tried", torch.zeros(N, V if options.no_revisit else 0, dtype=torch.bool))
-        self.register_buffer("lead", torch.zeros((), dtype=torch.long))
-        self.register_buffer("key", torch.tensor(torch.inf, dtype=torch.float64))
-        self.register_buffer("stalled", torch.zeros((), dtype=torch.long))
-        self.register_buffer("restarts", torch.zeros((), dtype=torch.long))
+        self.register_buffer("tried", torch.zeros(N, V if options.no_revisit else 0, dtype=torch.bool, device=device))
+        self.register_buffer("lead", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("key", torch.tensor(torch.inf, dtype=torch.float64, device=device))
+        self.register_buffer("stalled", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("restarts", torch.zeros((), dtype=torch.long, device=device))
         # The best prompt the search has ranked (restarts start from it, perturbed).
         self.register_buffer("best", prompt.clone())
-        self.register_buffer("best_key", torch.tensor(torch.inf, dtype=torch.float64))
+        self.register_buffer("best_key", torch.tensor(torch.inf, dtype=torch.float64, device=device))
 
     def reset(self, prompt: torch.Tensor, forget_best: bool = False) -> None:
         """Start again from `prompt` (a restart; a new phase also forgets the best prompt)."""
@@ -335,14 +335,14 @@ class SwapSearch(nn.Module):
         blocked = ~self.allowed[None].expand(N, -1).clone()
         if o.no_revisit:
             blocked |= self.tried
-        blocked[torch.arange(N), prompt] = True  # a swap must change the token
+        blocked[torch.arange(N, device=prompt.device), prompt] = True  # a swap must change the token
         k = min(o.topk, V)
         finite = (~blocked).sum(1).clamp(max=k)  # usable tokens per position (in its top-k)
         open_positions = torch.nonzero(finite > 0).flatten()
         if len(open_positions) == 0:
             return prompt[None][:0]
         if o.positions:
-            open_positions = open_positions[torch.randperm(len(open_positions), generator=g)][: o.positions]
+            open_positions = open_positions[torch.randperm(len(open_positions), generator=g, device=g.device)][: o.positions]
         # Gains only at the positions swapped this step: a [P, V] product instead of [N, V] (at
         # |V| = 262k each row costs as much as an LM head row).
         top = torch.zeros(N, k, dtype=torch.long, device=blocked.device)
@@ -353,7 +353,8 @@ class SwapSearch(nn.Module):
             rows = []
             for p in sorted(open_positions.tolist()):
                 usable = int(finite[p])
-                order = torch.arange(usable) if o.sampling == "greedy" else torch.randperm(usable, generator=g)
+                order = (torch.arange(usable, device=g.device) if o.sampling == "greedy"
+                         else torch.randperm(usable, generator=g, device=g.device))
                 pick = top[p, order[:per]]
                 cand = prompt.repeat(len(pick), 1)
                 cand[:, p] = pick
@@ -364,22 +365,22 @@ class SwapSearch(nn.Module):
         else:
             r = min(n_replace, len(open_positions))
             C = o.candidates
-            where = open_positions[torch.rand(C, len(open_positions), generator=g).argsort(1)[:, :r]]  # [C, r]
-            index = (torch.rand(C, r, generator=g) * finite[where]).long()
+            where = open_positions[torch.rand(C, len(open_positions), generator=g, device=g.device).argsort(1)[:, :r]]
+            index = (torch.rand(C, r, generator=g, device=g.device) * finite[where]).long()  # where: [C, r]
             candidates = prompt.repeat(C, 1)
             candidates.scatter_(1, where, top[where, index])
         return self._filter(candidates, prompt, target)
 
     def _filter(self, candidates: torch.Tensor, prompt: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         o = self.options
-        keep = torch.ones(len(candidates), dtype=torch.bool)
+        keep = [True] * len(candidates)  # decided on the host: one transfer of the candidates, one back
         if o.copy_limit < 1.0:
             target_list = target.tolist()
-            target_set = set(target_list)
+            target_set, current = set(target_list), set(prompt.tolist())
             for i, cand in enumerate(candidates.tolist()):
-                changed = set(cand) - set(prompt.tolist())
-                if changed & target_set:  # a token outside the target cannot lengthen the LCS
+                if (set(cand) - current) & target_set:  # a token outside the target cannot lengthen the LCS
                     keep[i] = lcs_length(cand, target_list) <= o.copy_limit * len(target_list) + 1e-9
+        keep = torch.tensor(keep, dtype=torch.bool, device=candidates.device)
         if o.retokenize and self.tokenizer is not None:
             from lit_inversion.dlmi.vocab import retokenization_mask
 
@@ -391,9 +392,10 @@ class SwapSearch(nn.Module):
         """(keys [C], leads [C], teacher-forced argmax [C, w]), scored in groups sharing the prompt
         before their first changed position (one cached prefix per group)."""
         first = (candidates != prompt).long().argmax(1)
-        keys = torch.empty(len(candidates), dtype=torch.float64)
-        leads = torch.empty(len(candidates), dtype=torch.long)
-        preds = torch.empty(len(candidates), target.shape[0], dtype=torch.long)
+        device = candidates.device
+        keys = torch.empty(len(candidates), dtype=torch.float64, device=device)
+        leads = torch.empty(len(candidates), dtype=torch.long, device=device)
+        preds = torch.empty(len(candidates), target.shape[0], dtype=torch.long, device=device)
         for p in first.unique().tolist():
             rows = torch.nonzero(first == p).flatten()
 
@@ -404,9 +406,9 @@ class SwapSearch(nn.Module):
             parts, used = map_with_backoff(run, len(rows), self.options.chunk or len(rows))
             if self.options.chunk is not None and used < self.options.chunk:
                 self.options.chunk = used  # later steps start at the size that fitted
-            keys[rows] = torch.cat([s.key.cpu() for s in parts])
-            leads[rows] = torch.cat([s.lead.cpu() for s in parts])
-            preds[rows] = torch.cat([s.pred.cpu() for s in parts])
+            keys[rows] = torch.cat([s.key for s in parts])
+            leads[rows] = torch.cat([s.lead for s in parts])
+            preds[rows] = torch.cat([s.pred for s in parts])
         return keys, leads, preds
 
     def _stall(self, now: Scored, n: int) -> SwapStep:
@@ -426,7 +428,8 @@ class SwapSearch(nn.Module):
         changed = self.best.clone()
         if self.random_prompt is not None and self.options.restart_swaps:
             fresh = self.random_prompt()
-            positions = torch.randperm(len(changed), generator=self.generator)[: self.options.restart_swaps]
+            positions = torch.randperm(len(changed), generator=self.generator,
+                                       device=self.generator.device)[: self.options.restart_swaps]
             changed[positions] = fresh[positions]
             target = self.target.tolist()
             if lcs_length(changed.tolist(), target) > self.options.copy_limit * len(target):

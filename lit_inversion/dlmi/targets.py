@@ -26,9 +26,11 @@ from lit_inversion.tokens import context_prefix, decode
 def difficulty_sequence(loaded, k: float, length: int, rng: random.Random, prepend_bos: bool = True) -> list[int]:
     """One target of `length` tokens; each token is the k'-th most likely, k' drawn from `rng`."""
     model = loaded.model
-    special = torch.tensor(sorted(set(getattr(loaded.tokenizer, "all_special_ids", []) or [])), dtype=torch.long)
+    device = model.get_input_embeddings().weight.device
+    special = torch.tensor(sorted(set(getattr(loaded.tokenizer, "all_special_ids", []) or [])), dtype=torch.long,
+                           device=device)
     ids = context_prefix(loaded.bos_id, prepend_bos)
-    past, feed, out_ids = None, torch.tensor([ids], dtype=torch.long), []
+    past, feed, out_ids = None, torch.tensor([ids], dtype=torch.long, device=device), []
     for _ in range(length):
         out = model(input_ids=feed, past_key_values=past, use_cache=True)
         logits = out.logits[0, -1].float()
@@ -37,7 +39,7 @@ def difficulty_sequence(loaded, k: float, length: int, rng: random.Random, prepe
         rank = max(1, int(round(rng.gauss(k, 1.0))))
         token = int(logits.topk(rank).indices[-1])
         out_ids.append(token)
-        past, feed = out.past_key_values, torch.tensor([[token]], dtype=torch.long)
+        past, feed = out.past_key_values, torch.tensor([[token]], dtype=torch.long, device=device)
     return out_ids
 
 
@@ -57,13 +59,14 @@ def make_difficulty_targets(loaded, ks: Sequence[float] = (1, 6, 11, 16, 21), pe
 def perplexity(loaded, ids: Sequence[int], prepend_bos: bool = True) -> float:
     """exp(mean NLL) of `ids` after the context prefix ([BOS] by the convention)."""
     prefix = context_prefix(loaded.bos_id, prepend_bos)
-    full = torch.tensor([prefix + list(ids)], dtype=torch.long)
+    device = loaded.model.get_input_embeddings().weight.device
+    full = torch.tensor([prefix + list(ids)], dtype=torch.long, device=device)
     logits = loaded.model(input_ids=full).logits[0].float()
     if not prefix:  # the first token has no context to be predicted from
         logits, ids = logits[:-1], list(ids)[1:]
     else:
         logits = logits[len(prefix) - 1 : -1]
-    return math.exp(float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids))))
+    return math.exp(float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids, device=device))))
 
 
 def write_jsonl(targets: Sequence[dict], path: str | Path) -> None:

@@ -17,12 +17,12 @@ def allowed_tokens(tokenizer, vocab_size: int, allow_non_ascii: bool = False) ->
     key = (vocab_size, allow_non_ascii)
     if key not in cached:
         known = min(vocab_size, len(tokenizer))
-        allowed = torch.zeros(vocab_size, dtype=torch.bool)
+        allowed = torch.zeros(vocab_size, dtype=torch.bool, device="cpu")  # cached host-side; callers move it
         if allow_non_ascii:
             allowed[:known] = True
         else:
             texts = tokenizer.batch_decode([[i] for i in range(known)], skip_special_tokens=False)
-            allowed[:known] = torch.tensor([t.isascii() and t.isprintable() for t in texts])
+            allowed[:known] = torch.tensor([t.isascii() and t.isprintable() for t in texts], device="cpu")
             special = [i for i in tokenizer.all_special_ids if 0 <= i < vocab_size]
             allowed[special] = False
         cached[key] = allowed
@@ -35,7 +35,7 @@ def retokenization_mask(tokenizer, prompts: torch.Tensor) -> torch.Tensor:
     A prompt that does not is a string the model would never see as those tokens."""
     texts = tokenizer.batch_decode(prompts.tolist(), skip_special_tokens=False)
     again = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return torch.tensor([list(a) == p for a, p in zip(again, prompts.tolist())], dtype=torch.bool)
+    return torch.tensor([list(a) == p for a, p in zip(again, prompts.tolist())], dtype=torch.bool, device=prompts.device)
 
 
 _TEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {V: decoded tokens}
@@ -56,7 +56,7 @@ def forbidden_for_target(tokenizer, vocab_size: int, target: list[int]) -> torch
     (stripped, case-folded) is a prefix of a target token's or has one as its prefix."""
     texts = token_texts(tokenizer, vocab_size)
     words = {texts[t].strip().casefold() for t in target} - {""}
-    forbidden = torch.zeros(vocab_size, dtype=torch.bool)
+    forbidden = torch.zeros(vocab_size, dtype=torch.bool, device="cpu")
     forbidden[list(set(target))] = True
     for i, text in enumerate(texts):
         u = text.strip().casefold()

@@ -65,7 +65,15 @@ class SipItResult:
 def capture_probe(probe: LayerProbe, capture_dtype: str) -> LayerProbe:
     """A probe at the same layer on a copy of the model cast to `capture_dtype`, as serving stacks run it
     (`model.to(bfloat16)`: weights, activations and the residual stream all in that dtype)."""
-    model = copy.deepcopy(probe.model).to(getattr(torch, check_capture_dtype(capture_dtype)))
+    dtype = getattr(torch, check_capture_dtype(capture_dtype))
+    # deepcopy with every floating tensor pre-cast in its memo: the copy is built in `dtype` directly,
+    # without a second float32 model on the device (tied weights stay tied: the memo is keyed by identity).
+    memo: dict[int, object] = {}
+    for p in probe.model.parameters():
+        memo.setdefault(id(p), torch.nn.Parameter(p.detach().to(dtype), requires_grad=False))
+    for b in probe.model.buffers():
+        memo.setdefault(id(b), b.to(dtype) if b.is_floating_point() else b.clone())
+    model = copy.deepcopy(probe.model, memo).to(dtype)
     return LayerProbe(dataclasses.replace(probe.loaded, model=model), probe.layer)
 
 

@@ -46,7 +46,7 @@ def invert_hidden_states(
         raise InversionError(f"unknown {method} option(s) {sorted(unknown)}: "
                              f"see lit_inversion.sipit.{options.__name__}")
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    states = torch.as_tensor(states)
+    states = torch.as_tensor(states, device="cpu") if not isinstance(states, torch.Tensor) else states
     if states.dim() == 3 and states.shape[0] == 1:
         states = states[0]
     if states.dim() != 2 or states.shape[0] == 0:
@@ -84,11 +84,17 @@ def _token_index(probe: LayerProbe, prefix: list[int], config: SipItConfig) -> T
 
 
 def capture_hidden_states(text_or_ids: str | list[int], model: str | LoadedModel = DEFAULT_MODEL,
-                          layer: int = 15, prepend_bos: bool = True) -> torch.Tensor:
-    """The [T, d] states of a prompt at `layer`, in the convention `invert_hidden_states` expects."""
+                          layer: int = 15, prepend_bos: bool = True, capture_dtype: str = "float32") -> torch.Tensor:
+    """The [T, d] states of a prompt at `layer`, in the convention `invert_hidden_states` expects
+    (`capture_dtype`: as a stack serving the model in that dtype computes them)."""
+    from lit_inversion.sipit.algorithm import capture_probe
     from lit_inversion.tokens import encode
 
+    check_capture_dtype(capture_dtype)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     ids = encode(loaded.tokenizer, text_or_ids) if isinstance(text_or_ids, str) else list(text_or_ids)
     with LayerProbe(loaded, layer) as probe:
-        return probe.states(ids, context_prefix(loaded.bos_id, prepend_bos))
+        if capture_dtype == "float32" and probe.model.dtype == torch.float32:
+            return probe.states(ids, context_prefix(loaded.bos_id, prepend_bos))
+        with capture_probe(probe, capture_dtype) as capture:
+            return capture.states(ids, context_prefix(loaded.bos_id, prepend_bos))

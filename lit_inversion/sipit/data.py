@@ -41,8 +41,9 @@ def read_prompts(path: str | Path, tokenizer, vocab_size: int) -> list[tuple[str
 
 
 def random_prompts(count: int, length: int, vocab_size: int, seed: int) -> list[tuple[str, list[int]]]:
-    generator = torch.Generator().manual_seed(seed)
-    return [(f"random-{seed}-{i}", torch.randint(0, vocab_size, (length,), generator=generator).tolist()) for i in range(count)]
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return [(f"random-{seed}-{i}", torch.randint(0, vocab_size, (length,), generator=generator, device="cpu").tolist())
+            for i in range(count)]
 
 
 def read_states(path: str | Path, hidden_size: int) -> list[torch.Tensor]:
@@ -237,7 +238,8 @@ class HiddenStatesDataModule(L.LightningDataModule):
         done = module.finished_ids()
         todo = [t for t in targets if t.id not in done]
         module.announce_targets(len(targets), len(todo))
-        self.targets = shard(todo, self.trainer.global_rank, self.trainer.world_size)
+        # Balanced by length: a position costs about the same everywhere, so ranks finish together.
+        self.targets = shard(todo, self.trainer.global_rank, self.trainer.world_size, size=lambda t: len(t.states))
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(ListDataset(self.targets), batch_size=1, shuffle=False, collate_fn=_single)

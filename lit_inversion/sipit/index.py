@@ -36,8 +36,8 @@ class TokenIndex:
             x = torch.cat(parts, dim=1)
             x = x - x.mean(0)
             check_finite(x, "the surrogate's token features", "check the model's embeddings and table for overflow")
-            generator = torch.Generator().manual_seed(0)
-            sample = x[torch.randperm(x.shape[0], generator=generator)[:8192].to(x.device)]
+            generator = torch.Generator(device="cpu").manual_seed(0)
+            sample = x[torch.randperm(x.shape[0], generator=generator, device="cpu")[:8192].to(x.device)]
             basis = torch.linalg.svd(sample, full_matrices=False).Vh[:rank].T
             self._features[rank] = x @ basis
         return self._features[rank]

@@ -86,13 +86,18 @@ class SipItModule(InversionJob):
         prepend_bos: bool = True,
         seed: int = 0,
         method: str = "sipit",
+        dtype: str = "auto",
         num_steps: int | None = None,
         budget_scale: float = 1.0,
         weight_decay: float = 0.1,
         results_path: str = "results/sipit.jsonl",
     ):
-        super().__init__(model_name_or_path, results_path)
+        super().__init__(model_name_or_path, results_path, dtype)
         self.save_hyperparameters()
+        if dtype not in ("auto", "float32"):
+            raise InversionError(f"--model.dtype {dtype}: SIP-It loads the model in float32, which exact "
+                                 "verification needs; bf16/fp16 captures are verified on a copy cast for them "
+                                 "(set --data.capture_dtype), so use auto or float32")
         if method not in METHODS:
             raise InversionError(f"method must be one of {', '.join(METHODS)} (got {method!r}): "
                                  "sipit for SIP-It (policy: random for brute force), pez for HardPrompts")
@@ -152,7 +157,7 @@ class SipItModule(InversionJob):
         record = sipit_record(target.id, result, self.load().tokenizer, target.layer)
         self.writer.write(record)
         self.targets_done += 1
-        tested = torch.tensor(result.candidates_tested, dtype=torch.float)
+        tested = torch.tensor(result.candidates_tested, dtype=torch.float, device="cpu")
         metrics = {
             "sipit/candidates_per_position": float(tested.mean()),
             "sipit/seconds_per_token": result.seconds / max(1, len(result.recovered_ids)),

@@ -75,8 +75,8 @@ def _invert_pez(probe, targets, prefix, config, true_ids) -> SipItResult:
     start = time.perf_counter()
     E = probe.embedding.weight.detach().float()
     T, V = targets.shape[0], E.shape[0]
-    generator = torch.Generator().manual_seed(config.seed)
-    init = torch.randint(V, (T,), generator=generator).to(E.device)
+    generator = torch.Generator(device="cpu").manual_seed(config.seed)  # the same start on every device
+    init = torch.randint(V, (T,), generator=generator, device="cpu").to(E.device)
     soft = torch.nn.Parameter(E[init].clone())  # the continuous copy the optimiser moves
     optimizer = torch.optim.AdamW([soft], lr=config.learning_rate, weight_decay=config.weight_decay)
     prefix_emb = E[torch.tensor(prefix, dtype=torch.long, device=E.device)]

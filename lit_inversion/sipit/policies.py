@@ -25,7 +25,8 @@ import torch
 from lit_inversion.sipit.config import SipItConfig
 from lit_inversion.sipit.index import TokenIndex
 from lit_inversion.sipit.search import PositionSearch
-from lit_inversion.states import resolve_dtype, within_range
+from lit_inversion.precision import resolve_dtype
+from lit_inversion.states import within_range
 
 __all__ = ["Policy", "RandomPolicy", "GradientPolicy", "TokenIndex", "make_policy", "surrogate_proposals"]
 
@@ -46,7 +47,8 @@ def _untested_in_order(order: torch.Tensor, taken: torch.Tensor, k: int) -> torc
 
 class RandomPolicy(Policy):
     def reset(self, search):
-        self.order = torch.randperm(search.vocab_size, generator=search.generator).to(search.tested.device)
+        # A CPU generator (the same order on every device), moved once.
+        self.order = torch.randperm(search.vocab_size, generator=search.generator, device="cpu").to(search.tested.device)
 
     def propose(self, search, k):
         return _untested_in_order(self.order, search.tested, k)
@@ -146,7 +148,7 @@ class GradientPolicy(Policy):
         k = self.config.chains
         best = search.best_verified(k)
         if best.numel() < k:
-            extra = torch.randint(0, search.vocab_size, (k - best.numel(),), generator=search.generator)
+            extra = torch.randint(0, search.vocab_size, (k - best.numel(),), generator=search.generator, device="cpu")
             best = torch.cat([best, extra.to(best.device)])
         self.embeds = search.embedding[best].float().clone()
 

@@ -10,7 +10,8 @@ import torch
 
 from lit_inversion.sipit.config import CAPTURE_RTOL, SipItConfig
 from lit_inversion.sipit.index import TokenIndex
-from lit_inversion.states import LayerProbe, expand_cache, resolve_dtype, within_range
+from lit_inversion.precision import resolve_dtype
+from lit_inversion.states import LayerProbe, expand_cache, within_range
 
 
 class GrowingRows:

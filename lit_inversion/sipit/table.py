@@ -11,11 +11,10 @@ Gemma-3-270M's 262k tokens). The table only ranks candidates; every acceptance i
 from __future__ import annotations
 
 import hashlib
-import os
 
 import torch
 
-from lit_inversion.models import cache_dir
+from lit_inversion.cache import build_lock, cache_dir, save_atomically
 from lit_inversion.states import LayerProbe, check_finite, expand_cache
 
 TABLE_DTYPE = torch.bfloat16
@@ -34,11 +33,20 @@ def cache_key(probe: LayerProbe, prefix: list[int], kind: str) -> str:
 def first_position_table(probe: LayerProbe, prefix: list[int], batch_size: int = 512, cache: bool = True) -> torch.Tensor:
     """[V, d] states at the first prompt position for every token (bfloat16 on the probe's device)."""
     path = cache_dir() / "tables" / cache_key(probe, prefix, f"table-{_FORMAT}")
+    if not cache:
+        return _build_table(probe, prefix, batch_size)
+    with build_lock(path):  # one process of a distributed run builds it; the others wait and load it
+        if path.is_file():
+            table = torch.load(path, map_location=probe.device)
+            check_finite(table, f"the first-position table of layer {probe.layer}", f"delete {path} and run again")
+            return table
+        table = _build_table(probe, prefix, batch_size)
+        save_atomically(table.cpu(), path)
+    return table
+
+
+def _build_table(probe: LayerProbe, prefix: list[int], batch_size: int) -> torch.Tensor:
     what = f"the first-position table of layer {probe.layer}"
-    if cache and path.is_file():
-        table = torch.load(path, map_location=probe.device)
-        check_finite(table, what, f"delete {path} and run again")
-        return table
     vocab = probe.embedding.weight.shape[0]
     rows = []
     with torch.autocast(probe.device.type, enabled=False):  # float32 states, also under mixed precision
@@ -49,15 +57,4 @@ def first_position_table(probe: LayerProbe, prefix: list[int], batch_size: int =
             check_finite(states, f"{what} (tokens {start}..{start + len(ids) - 1})",
                          "the model overflows at this layer in its dtype: load it in float32, or pick another layer")
             rows.append(states[:, 0].to(TABLE_DTYPE))
-        table = torch.cat(rows)
-    if cache:
-        save_cached(table.cpu(), path)
-    return table
-
-
-def save_cached(obj, path) -> None:
-    """torch.save to a temporary name, then rename: ranks of a distributed run may build the same file at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+        return torch.cat(rows)

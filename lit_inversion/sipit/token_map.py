@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lit_inversion.models import cache_dir
-from lit_inversion.sipit.table import cache_key, save_cached
+from lit_inversion.cache import build_lock, cache_dir, save_atomically
+from lit_inversion.sipit.table import cache_key
 from lit_inversion.states import LayerProbe, check_finite
 
 MAP_SAMPLES = 16384  # states in the fit: 512 contexts of 32 random tokens (~40 s once at layer 30 on 2 cores)
@@ -53,12 +53,22 @@ def learned_token_map(probe: LayerProbe, prefix: list[int], samples: int = MAP_S
                       batch_size: int = 16, cache: bool = True, seed: int = 0) -> StateTokenMap:
     """The layer's state->token map, fit on `samples` states of random-token contexts after `prefix`."""
     path = cache_dir() / "tables" / cache_key(probe, prefix, f"map{samples}x{context}ce{MAP_EPOCHS}")
-    if cache and path.is_file():
-        return StateTokenMap(**torch.load(path, map_location=probe.device))
+    if not cache:
+        return _fit_map(probe, prefix, samples, context, batch_size, seed)
+    with build_lock(path):  # one process of a distributed run fits it; the others wait and load it
+        if path.is_file():
+            return StateTokenMap(**torch.load(path, map_location=probe.device))
+        token_map = _fit_map(probe, prefix, samples, context, batch_size, seed)
+        save_atomically({k: v.cpu() for k, v in vars(token_map).items()}, path)
+    return token_map
+
+
+def _fit_map(probe: LayerProbe, prefix: list[int], samples: int, context: int, batch_size: int,
+             seed: int) -> StateTokenMap:
     vocab = probe.embedding.weight.shape[0]
-    generator = torch.Generator().manual_seed(seed)
-    contexts = torch.randint(0, vocab, (max(1, samples // context), context), generator=generator)
-    head = torch.tensor(list(prefix), dtype=torch.long).expand(len(contexts), -1)
+    generator = torch.Generator(device="cpu").manual_seed(seed)  # the same fit on every device
+    contexts = torch.randint(0, vocab, (max(1, samples // context), context), generator=generator, device="cpu")
+    head = torch.tensor(list(prefix), dtype=torch.long, device="cpu").expand(len(contexts), -1)
     sequences = torch.cat([head, contexts], 1).to(probe.device)
     states, tokens = [], []
     with torch.autocast(probe.device.type, enabled=False):
@@ -74,13 +84,10 @@ def learned_token_map(probe: LayerProbe, prefix: list[int], samples: int = MAP_S
     x = (x - mean) / scale
     gram = x.T @ x
     ridge = MAP_RIDGE * gram.diagonal().mean()
-    target = probe.embedding.weight.detach().double()[y]
+    target = probe.embedding.weight.detach()[y].double()  # only the rows fitted, not a [V, d] float64 copy
     weight = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype, device=gram.device), x.T @ target)
     weight = _fit_ranking(x.float(), y, weight.float(), probe.embedding.weight.detach().float(), generator)
-    token_map = StateTokenMap(mean.float(), scale.float(), weight)
-    if cache:
-        save_cached({k: v.cpu() for k, v in vars(token_map).items()}, path)
-    return token_map
+    return StateTokenMap(mean.float(), scale.float(), weight)
 
 
 def _fit_ranking(x: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor, embedding: torch.Tensor,
@@ -96,9 +103,9 @@ def _fit_ranking(x: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor, em
     lookup = torch.full((vocab,), -1, dtype=torch.long, device=device)
     with torch.enable_grad(), torch.autocast(device.type, enabled=False):
         for _ in range(MAP_EPOCHS):
-            for rows in torch.randperm(len(x), generator=generator).to(device).split(MAP_BATCH):
+            for rows in torch.randperm(len(x), generator=generator, device="cpu").to(device).split(MAP_BATCH):
                 y = tokens[rows]
-                negatives = torch.randint(0, vocab, (MAP_NEGATIVES,), generator=generator).to(device)
+                negatives = torch.randint(0, vocab, (MAP_NEGATIVES,), generator=generator, device="cpu").to(device)
                 candidates = torch.unique(torch.cat([y, negatives]))
                 lookup[candidates] = torch.arange(len(candidates), device=device)
                 mapped = x[rows] @ weight
