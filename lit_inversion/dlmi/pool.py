@@ -20,6 +20,8 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import torch
+
 from lit_inversion.dlmi.algorithm import DlmiResult
 from lit_inversion.dlmi.baselines import make_batch
 from lit_inversion.dlmi.batch import TargetBatch, check_batches
@@ -95,9 +97,11 @@ class TargetPool:
         out, due = PoolStep(), []
         for slot in self.running:
             stats = slot.batch.step()
-            out.loss.append(float(stats.loss[0]))
-            out.tau.append(float(stats.tau[0]))
-            out.soft_lcs.append(float(stats.soft_lcs[0]))
+            # One host sync for the slot's three figures.
+            loss, tau, soft_lcs = torch.stack([stats.loss[0], stats.tau[0], stats.soft_lcs[0].to(stats.loss.dtype)]).tolist()
+            out.loss.append(loss)
+            out.tau.append(tau)
+            out.soft_lcs.append(soft_lcs)
             if slot.batch.check_due:
                 due.append(slot)
         check_batches([s.batch for s in due])

@@ -13,33 +13,38 @@ from lit_inversion.states import LayerProbe, check_finite
 
 class TokenIndex:
     """Embeddings, the first-position table and the state->token map, in float32, with the norms the
-    rankings need."""
+    rankings need. Norms, not unit copies: at |V| = 128k, d = 4096 each [V, d] float32 copy is 2.1 GB."""
 
     def __init__(self, embedding: torch.Tensor, table: torch.Tensor | None, token_map: StateTokenMap | None = None):
-        self.embedding = embedding.detach().float()
+        self.embedding = embedding.detach().float()  # the model's own weight when it is float32: no copy
         self.token_map = None if token_map is None else token_map.to(self.embedding.device)
-        # The map's cosine ranking needs unit embeddings ([V, d]: 113 MB for SmolLM2, 0.7 GB for a 262k vocabulary).
-        self.embedding_unit = None if token_map is None else (
-            self.embedding / self.embedding.norm(dim=-1, keepdim=True).clamp(min=1e-6))
+        self.embedding_norm = self.embedding.norm(dim=-1).clamp(min=1e-6)
         self.embedding_sq = self.embedding.pow(2).sum(-1)
         self.table = None if table is None else table.float()
         self.table_sq = None if table is None else self.table.pow(2).sum(-1)
-        self.table_unit = None if table is None else self.table / self.table.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+        self.table_norm = None if table is None else self.table_sq.sqrt().clamp(min=1e-6)
         self._features: dict[int, torch.Tensor] = {}
 
-    def features(self, rank: int) -> torch.Tensor:
-        """[V, rank] token features for the surrogate: the standardised table state and embedding, PCA-reduced."""
+    def features(self, rank: int, chunk: int = 8192) -> torch.Tensor:
+        """[V, rank] token features for the surrogate: the standardised table state and embedding,
+        PCA-reduced (the basis from 8,192 sampled tokens), built chunk by chunk: no [V, 2d] matrix."""
         if rank not in self._features:
-            parts = [_standardise(self.embedding)]
-            if self.table is not None:
-                parts.append(_standardise(self.table))
-            x = torch.cat(parts, dim=1)
-            x = x - x.mean(0)
-            check_finite(x, "the surrogate's token features", "check the model's embeddings and table for overflow")
+            parts = [self.embedding] + ([self.table] if self.table is not None else [])
+            stats = [torch.std_mean(p, dim=0) for p in parts]
+
+            def standardised(rows: torch.Tensor) -> torch.Tensor:
+                return torch.cat([(p[rows] - mean) / std.clamp(min=1e-6) for p, (std, mean) in zip(parts, stats)], 1)
+
+            vocab, device = self.embedding.shape[0], self.embedding.device
             generator = torch.Generator(device="cpu").manual_seed(0)
-            sample = x[torch.randperm(x.shape[0], generator=generator, device="cpu")[:8192].to(x.device)]
-            basis = torch.linalg.svd(sample, full_matrices=False).Vh[:rank].T
-            self._features[rank] = x @ basis
+            sample = standardised(torch.randperm(vocab, generator=generator, device="cpu")[:8192].to(device))
+            check_finite(sample, "the surrogate's token features", "check the model's embeddings and table for overflow")
+            basis = torch.linalg.svd(sample - sample.mean(0), full_matrices=False).Vh[:rank].T
+            out = torch.empty(vocab, basis.shape[1], device=device)
+            for start in range(0, vocab, chunk):
+                rows = torch.arange(start, min(vocab, start + chunk), device=device)
+                out[rows] = standardised(rows) @ basis
+            self._features[rank] = out
         return self._features[rank]
 
     def table_order(self, target: torch.Tensor) -> torch.Tensor:
@@ -48,12 +53,11 @@ class TokenIndex:
 
     def table_cosine_top(self, target: torch.Tensor, k: int) -> torch.Tensor:
         """The k tokens whose table state points most nearly the target's way (context shifts norms)."""
-        return (self.table_unit @ target).topk(min(k, self.table_unit.shape[0])).indices
-
+        return ((self.table @ target) / self.table_norm).topk(min(k, self.table.shape[0])).indices
 
     def map_top(self, target: torch.Tensor, k: int) -> torch.Tensor:
         """The k tokens whose embedding the state->token map reads from the target (cosine)."""
-        scores = self.embedding_unit @ self.token_map.predict(target)
+        scores = (self.embedding @ self.token_map.predict(target)) / self.embedding_norm
         return scores.topk(min(k, len(scores))).indices
 
 
@@ -62,7 +66,3 @@ def build_index(probe: LayerProbe, prefix: list[int], config: SipItConfig) -> To
     table = first_position_table(probe, prefix) if config.use_table else None
     token_map = learned_token_map(probe, prefix) if config.token_map else None
     return TokenIndex(probe.embedding.weight, table, token_map)
-
-
-def _standardise(x: torch.Tensor) -> torch.Tensor:
-    return (x - x.mean(0)) / x.std(0).clamp(min=1e-6)

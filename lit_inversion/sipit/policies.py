@@ -175,12 +175,12 @@ def surrogate_proposals(search: PositionSearch, features: torch.Tensor, k: int, 
     near the target weigh more (exp(-locality * (d / median d)^2)): the fit only has to be right near
     the answer."""
     taken = search.tested if taken is None else taken
-    ids = search.verified_ids.all()
-    states = search.verified_states.all()
+    states = search.verified_states.all()  # the first SURROGATE_ROWS verified (search.py)
+    ids = search.verified_ids.all()[: len(states)]
     scale = states.std(0).clamp(min=1e-3)  # whiten: a few massive dimensions would dominate raw L2
     y = (states - search.target) / scale
     x = features[ids]
-    distances = search.verified_distances.all()
+    distances = search.verified_distances.all()[: len(states)]
     weight = torch.exp(-locality * (distances / distances.median().clamp(min=1e-12)).pow(2))[:, None]
     weight = weight / weight.mean()
     x_mean, y_mean = (weight * x).mean(0), (weight * y).mean(0)

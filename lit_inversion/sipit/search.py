@@ -14,6 +14,11 @@ from lit_inversion.precision import resolve_dtype
 from lit_inversion.states import LayerProbe, expand_cache, within_range
 
 
+# The surrogate fits on at most this many verified states per position (a position that tests the whole
+# vocabulary would otherwise keep |V| x d floats: 2.1 GB at |V| = 128k, d = 4096).
+SURROGATE_ROWS = 16384
+
+
 class GrowingRows:
     """Rows appended batch by batch into one buffer that doubles when full, so reading all of them
     never re-concatenates the batches (a hard position verifies ~100 batches)."""
@@ -131,16 +136,18 @@ class PositionSearch:
         else:
             states = self._capture_states(ids)
             distances = (states - self.target).norm(dim=-1)
-        if self.keep_states:
+        if self.keep_states and len(self.verified_states) < SURROGATE_ROWS:
             self.verified_states.append(states)
         self.tested[ids] = True
         self.verified_ids.append(ids)
         self.verified_distances.append(distances)
         values, order = distances.topk(min(2, len(ids)), largest=False)
-        for value, j in zip(values.tolist(), order.tolist()):
+        # One host sync for the batch's two nearest (ids are exact in float64).
+        nearest = torch.stack([values.double(), ids[order].double()]).tolist()
+        for value, token in zip(*nearest):
             if value < self.best_distance:
                 self.second_distance = self.best_distance
-                self.best_distance, self.best_id = value, int(ids[j])
+                self.best_distance, self.best_id = value, int(token)
             elif value < self.second_distance:
                 self.second_distance = value
         return distances
@@ -153,11 +160,10 @@ class PositionSearch:
         tested token must also stand out, at most `margin` times as far as the next nearest.
         """
         if self.exact:
-            within = distances <= self.tolerance
-            if not bool(within.any()):
-                return None
-            j = int(torch.where(within, distances, math.inf).argmin())
-            return int(ids[j]), float(distances[j])
+            masked = torch.where(distances <= self.tolerance, distances, math.inf)
+            j = masked.argmin()
+            distance, token = torch.stack([masked[j].double(), ids[j].double()]).tolist()  # one host sync
+            return None if math.isinf(distance) else (int(token), distance)
         if self.best_distance <= self.tolerance and self.best_distance <= self.config.margin * self.second_distance:
             return self.best_id, self.best_distance
         return None
