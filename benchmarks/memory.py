@@ -23,7 +23,7 @@ from benchmarks.common import hardware
 from lit_inversion.models import DEFAULT_MODEL, load_model
 from lit_inversion.sipit.algorithm import SipItConfig, invert
 from lit_inversion.sipit.index import build_index
-from lit_inversion.sipit.search import SURROGATE_ROWS
+import lit_inversion.sipit.search as _search
 from lit_inversion.states import LayerProbe
 from lit_inversion.tokens import context_prefix
 
@@ -67,7 +67,7 @@ def on_paper(vocab: int, d: int, weights: int) -> dict:
     """SIP-It's [V, d]-sized memory (float32 bytes): the bf16 table as loaded, its float32 copy, the
     surrogate's features and the verified states kept at one position, against the weights."""
     pieces = {"table_bf16_loaded_then_freed": 2 * vocab * d, "table_float32": 4 * vocab * d,
-              "features_chunk": 4 * 8192 * 2 * d, "surrogate_states": 4 * SURROGATE_ROWS * d,
+              "features_chunk": 4 * 8192 * 2 * d, "surrogate_states": 4 * getattr(_search, "SURROGATE_ROWS", vocab) * d,
               "norms_and_features": 4 * vocab * (4 + 128)}
     peak = pieces["table_float32"] + pieces["table_bf16_loaded_then_freed"] + pieces["norms_and_features"] \
         + max(pieces["features_chunk"], pieces["surrogate_states"])

@@ -94,3 +94,29 @@ def test_bf16_capture_inversion_names_its_devices(tiny_llama):
     with RequireDevice() as guard:
         invert_hidden_states(states, model=tiny_llama, layer=2, capture_dtype="bfloat16")
     assert guard.missing == [], "\n".join(sorted(set(guard.missing)))
+
+
+@pytest.mark.parametrize("method", ["sipit", "dlmi"])
+def test_the_lightning_jobs_name_their_devices(tmp_path, tiny_llama_dir, method):
+    """The whole job (data module, module hooks, results, checkpoint), not only the algorithms."""
+    import lightning as L
+
+    from lit_inversion.checkpointing import LastCheckpoint
+    from lit_inversion.dlmi import DlmiModule, OutputTargetsDataModule
+    from lit_inversion.sipit import HiddenStatesDataModule, SipItModule
+
+    if method == "sipit":
+        module = SipItModule(str(tiny_llama_dir), results_path=str(tmp_path / "results.jsonl"))
+        data = HiddenStatesDataModule(layer=2, num_random=2, random_length=4)
+    else:
+        (tmp_path / "targets.jsonl").write_text('{"id": "a", "ids": [5, 9, 7]}\n{"id": "b", "ids": [9, 11]}\n')
+        module = DlmiModule(str(tiny_llama_dir), results_path=str(tmp_path / "results.jsonl"), checkpoint_every=2,
+                            prompt_length=3, num_steps=4, check_every=2, refine_candidates=4, refine_topk=8)
+        data = OutputTargetsDataModule(targets_file=str(tmp_path / "targets.jsonl"), batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
+                        default_root_dir=tmp_path, callbacks=[LastCheckpoint(dirpath=str(tmp_path / "ckpt"))])
+    with RequireDevice() as guard:
+        trainer.fit(module, datamodule=data)
+    assert (tmp_path / "results.jsonl").read_text().count("\n") == 2
+    assert guard.missing == [], "\n".join(sorted(set(guard.missing)))
