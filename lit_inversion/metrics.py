@@ -9,16 +9,15 @@ from torchmetrics import Metric
 
 
 def lcs_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common subsequence of two id sequences."""
-    if not a or not b:
-        return 0
-    prev = [0] * (len(b) + 1)
+    """Length of the longest common subsequence of two id sequences (one row, updated in place)."""
+    row = [0] * (len(b) + 1)
     for x in a:
-        cur = [0]
+        prev = 0
         for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
+            cur = row[j + 1]
+            row[j + 1] = prev + 1 if x == y else max(row[j + 1], row[j])
+            prev = cur
+    return row[-1]
 
 
 def lcs_ratio(prediction: Sequence[int], target: Sequence[int]) -> float:

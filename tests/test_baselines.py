@@ -250,6 +250,7 @@ def test_pez_with_a_small_budget_still_returns_a_full_record(tiny_llama):
 
 
 # ----- the CLI -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_runs_gcg_and_writes_records(tmp_path, tiny_llama_dir):
     records, stdout = run_dlmi_cli(_dlmi_config(tmp_path, tiny_llama_dir, num_steps=12), "--model.method", "gcg",
                                    "--model.search_width", "16", "--model.topk", "8")
@@ -259,6 +260,7 @@ def test_cli_runs_gcg_and_writes_records(tmp_path, tiny_llama_dir):
     assert "GCG: 4 targets, exact match 4/4" in stdout
 
 
+@pytest.mark.slow
 def test_cli_runs_pez_and_writes_sipit_records(tmp_path, tiny_llama_dir):
     config = _write_config(tmp_path, tiny_llama_dir, _prompts(tmp_path, 2, 4), layer=1)
     run = subprocess.run(cli_command() + ["fit", "--config", str(config), "--model.method", "pez",

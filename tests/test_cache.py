@@ -32,6 +32,7 @@ BUILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_concurrent_processes_build_a_table_once(tmp_path, tiny_llama_dir):
     log, cache = tmp_path / "builds.log", tmp_path / "cache"
     env = dict(os.environ, LIT_INVERSION_CACHE=str(cache))  # empty: one of the two must build

@@ -60,6 +60,7 @@ def test_padded_batches_are_cut_to_their_real_positions(side, tiny_llama, tmp_pa
         assert [len(s) for s in read_states(path, 32)] == list(map(len, PROMPTS))
 
 
+@pytest.mark.slow
 def test_no_bos_left_padded_capture_through_the_cli(tiny_llama_dir, tmp_path):
     """`--model.prepend_bos false` alone: the targets and the inversion both follow it."""
     loaded = load_model(str(tiny_llama_dir))

@@ -165,6 +165,7 @@ def run_dlmi_cli(config: Path, *extra: str) -> tuple[list[dict], str]:
     return records, run.stdout
 
 
+@pytest.mark.slow
 def test_dlmi_cli_run_writes_records_and_tensorboard(tmp_path, tiny_llama_dir):
     records, _ = run_dlmi_cli(_dlmi_config(tmp_path, tiny_llama_dir, num_steps=24), "--model.num_steps", "32")
     for r in records:
@@ -181,6 +182,7 @@ def test_dlmi_cli_run_writes_records_and_tensorboard(tmp_path, tiny_llama_dir):
     assert "dlmi/finished_targets/text_summary" in events.Tags()["tensors"]
 
 
+@pytest.mark.slow
 def test_dlmi_resume_after_sigkill_continues_the_targets_in_flight(tmp_path, tiny_llama_dir):
     # Targets long enough (160 steps) that a kill right after the first mid-target checkpoint lands mid-target.
     config = _dlmi_config(tmp_path, tiny_llama_dir, num_steps=160, checkpoint_every=2)
@@ -210,6 +212,7 @@ def test_dlmi_resume_after_sigkill_continues_the_targets_in_flight(tmp_path, tin
     assert min(steps_at_kill.values()) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_mixed_precision_runs(tmp_path, tiny_llama_dir, precision):
     """SIP-It stays exact under the trainer's autocast (it verifies in float32); DLMI runs and checks honestly."""
@@ -230,6 +233,7 @@ def test_mixed_precision_runs(tmp_path, tiny_llama_dir, precision):
         assert r["exact_match"] == (r["output_ids"] == r["target_ids"])
 
 
+@pytest.mark.slow
 def test_dlmi_killed_at_random_points_gives_the_uninterrupted_results(tmp_path, tiny_llama_dir):
     """Several SIGKILLs at random moments; each restart resumes (Adam, noise, refinement state) and the
     final results equal an uninterrupted run's, every target once, no corrupt line."""
@@ -313,6 +317,7 @@ def test_every_dlmi_config_field_is_a_flat_cli_option(tmp_path, tiny_llama_dir, 
         assert printed[name] == value, name
 
 
+@pytest.mark.slow
 def test_dlmi_cli_accepts_the_copy_seed(tmp_path, tiny_llama_dir):
     records, _ = run_dlmi_cli(_dlmi_config(tmp_path, tiny_llama_dir, num_steps=8), "--model.init", "repeat",
                               "--model.prompt_length", "10")

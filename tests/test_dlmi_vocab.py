@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from benchmarks.common import median_seconds
 from lit_inversion.dlmi import relax
 from lit_inversion.dlmi.algorithm import DlmiBatch, DlmiConfig
 from lit_inversion.models import LoadedModel
@@ -76,29 +74,22 @@ def test_relax_topk_resolution(vocab, requested, used):
     assert relax.resolve_topk(requested, vocab) == used
 
 
-def test_a_step_costs_within_3x_of_the_models_forward_and_backward(big_vocab):
+def test_a_relaxed_step_at_a_262k_vocabulary_is_sparse_and_finite(big_vocab):
     """At |V| = 262,144 a relaxed step (8 Gumbel samples, N = M = 20) uses the sparse relaxation by
-    default and costs at most 3x the model's own forward-and-backward of the same 8 rows (the bar is
-    2x; 3x leaves room for a shared CPU)."""
+    default. Its cost against the model's own forward-and-backward is a benchmark, not a test:
+    `python benchmarks/dlmi.py --step-cost` prints the ratio."""
     N, M, S = 20, 20, 8
     target = torch.randint(3, 96, (M,), generator=torch.Generator().manual_seed(1)).tolist()
     config = DlmiConfig(prompt_length=N, num_steps=100, gumbel_samples=S, refine_fraction=0.0,
                         compute_dtype="float32", check_every=1000)
     batch = DlmiBatch(big_vocab, [target], config)
     assert batch.relax_topk == relax.AUTO_TOPK
-    model, E = big_vocab.model, big_vocab.model.get_input_embeddings().weight
-    ids = torch.randint(3, 96, (S, 1 + N + M - 1), generator=torch.Generator().manual_seed(2))
-    labels = torch.tensor(target).expand(S, -1).reshape(-1)
-
-    def forward_backward():  # the model's own: logits at the M positions the loss reads, gradient to the inputs
-        x = E[ids].detach().requires_grad_(True)
-        hidden = model.base_model(inputs_embeds=x).last_hidden_state[:, -M:].contiguous()
-        F.cross_entropy(model.lm_head(hidden).reshape(-1, BIG_VOCAB), labels).backward()
-
-    reference = median_seconds(forward_backward)
-    step = median_seconds(batch.step)
-    assert step <= 3.0 * reference, f"step {step:.3f} s vs forward+backward {reference:.3f} s"
-    assert int(batch.steps[0]) == 4 and torch.isfinite(batch.logits).all()
+    before = batch.logits.detach().clone()
+    for _ in range(2):
+        batch.step()
+    changed = (batch.logits.detach() != before).any(-1)  # only the gathered top-k logits get gradients
+    assert int(batch.steps[0]) == 2 and torch.isfinite(batch.logits).all() and changed.all()
+    assert int((batch.logits.detach() != before).sum(-1).max()) <= 2 * relax.AUTO_TOPK
 
 
 def test_swap_gains_are_computed_only_where_the_step_swaps(big_vocab):

@@ -501,6 +501,7 @@ def bad_config_runs(tmp_path_factory, tiny_llama_dir) -> dict[str, tuple[subproc
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", _CONFIG_CASES)
 def test_malformed_config_ends_in_one_readable_line(bad_config_runs, case: str):
     run, directory, words = bad_config_runs[case]

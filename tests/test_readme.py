@@ -141,6 +141,7 @@ def test_quick_start_is_quiet_and_a_changed_rerun_is_refused(tmp_path, tiny_deep
     assert "Traceback" not in other_layer.stderr
 
 
+@pytest.mark.slow
 def test_verbose_brings_the_library_messages_back(tmp_path, tiny_llama_dir):
     args = _quick_start() + ["--model.model_name_or_path", str(tiny_llama_dir), "--data.layer", "1",
                              "--data.num_tokens", "3", "--data.limit", "1", "--results_path",

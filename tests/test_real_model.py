@@ -6,6 +6,8 @@ import pytest
 
 from lit_inversion import capture_hidden_states, invert_hidden_states, load_model
 
+pytestmark = pytest.mark.slow  # loads the 135M model: in the full run (CI), not in `-m "not slow"`
+
 
 @pytest.fixture(scope="module")
 def smollm2():

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lit_inversion.errors import InversionError
+from lit_inversion.metrics import lcs_length  # noqa: F401 (search.lcs_length: the copy limit's DP)
 
 try:  # the cache class that lets candidates share the prompt prefix
     from transformers import DynamicCache
@@ -138,28 +139,6 @@ class PromptScorer:
 def _standardise(x: torch.Tensor) -> torch.Tensor:
     """Each row of x [P, V] to zero mean and unit standard deviation."""
     return (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True).clamp(min=1e-12)
-
-
-def lcs_length(a: list[int], b: list[int]) -> int:
-    row = [0] * (len(b) + 1)
-    for x in a:
-        prev = 0
-        for j, y in enumerate(b):
-            cur = row[j + 1]
-            row[j + 1] = prev + 1 if x == y else max(row[j + 1], row[j])
-            prev = cur
-    return row[-1]
-
-
-def copy_ok(prompt: list[int], target: list[int], position: int, token: int, limit: float,
-            target_set: set[int]) -> bool:
-    """Whether putting `token` at `position` keeps LCS(prompt, target) / len(target) <= limit.
-
-    A token outside the target cannot lengthen the LCS, so only target tokens need the DP."""
-    if limit >= 1.0 or token not in target_set:
-        return True
-    changed = prompt[:position] + [token] + prompt[position + 1 :]
-    return lcs_length(changed, target) <= limit * len(target) + 1e-9
 
 
 def is_out_of_memory(error: BaseException) -> bool:
