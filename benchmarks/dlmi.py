@@ -37,9 +37,9 @@ from benchmarks.common import hardware, median_seconds
 
 from lit_inversion.dlmi.algorithm import DlmiConfig
 from lit_inversion.dlmi.algorithm import greedy_decode
-from lit_inversion.dlmi.baselines import invert_outputs_by_method, make_batch, method_config
+from lit_inversion.dlmi.baselines import make_batch, method_config
 from lit_inversion.dlmi.data import OutputTarget
-from lit_inversion.dlmi.pool import run_pool
+from lit_inversion.dlmi.pool import invert_outputs, run_pool
 from lit_inversion.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,19 +78,17 @@ for _name, _change in ABLATION.items():
 def run(loaded, targets: list[dict], config: DlmiConfig, batch_size: int) -> tuple[list[dict], dict]:
     steps_done = [0]
     trace = dict(keys=[t["id"] for t in targets[:batch_size]], tau=[], phase=[])
-    first_batch = []
+    first = targets[0]["id"]
 
-    def count(batch, stats):
+    def count(step):
         steps_done[0] += 1
-        if not first_batch:
-            first_batch.append(batch)
-        if batch is first_batch[0]:  # one batch is enough to show the schedule; later ones repeat it
-            trace["tau"].append(float(stats.tau.float().mean()))
-            trace["phase"].append(stats.phase)
+        if first in step.ids:  # one target is enough to show the schedule; later ones repeat it
+            trace["tau"].append(step.tau[step.ids.index(first)])
+            trace["phase"].append(step.phase[step.ids.index(first)])
 
     start = time.perf_counter()
-    results = invert_outputs_by_method(loaded, [t["ids"] for t in targets], config, batch_size=batch_size,
-                                       keys=[t["id"] for t in targets], callback=count)
+    results = invert_outputs(loaded, [t["ids"] for t in targets], config, batch_size=batch_size,
+                             keys=[t["id"] for t in targets], on_step=count)
     seconds = time.perf_counter() - start
     per_step = seconds / max(1, steps_done[0])
     return [dict(id=t["id"], k=t["k"], honest=r.lcs_ratio, exact=r.exact_match, soft=r.soft_lcs_ratio,

@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from lit_inversion.dlmi.algorithm import DlmiBatch, DlmiConfig, run_batch
+from lit_inversion.dlmi.algorithm import DlmiBatch, DlmiConfig
+from lit_inversion.dlmi.pool import invert_outputs
 from lit_inversion.dlmi.targets import read_jsonl
 from lit_inversion.models import load_model
 
@@ -80,16 +81,18 @@ def main() -> None:
         timing(loaded, config, chosen[0]["ids"])
         return
 
-    def progress(batch, stats):
-        step = int(batch.steps.max())
-        if not args.quiet and (step % config.check_every == 0 or step == 1):
-            cells = [f"L={l:.2f} tau={t:.2f} soft={s:.2f} best={b:.2f}" for l, t, s, b in
-                     zip(stats.loss.tolist(), stats.tau.tolist(), stats.soft_lcs.tolist(), batch.best_lcs.tolist())]
-            print(f"{step:4d} {stats.phase:7s} " + " | ".join(cells), flush=True)
+    steps = [0]
+
+    def progress(step):
+        steps[0] += 1
+        if not args.quiet and (steps[0] % config.check_every == 0 or steps[0] == 1):
+            cells = [f"{i}: L={l:.2f} tau={t:.2f} soft={s:.2f}" for i, l, t, s in
+                     zip(step.ids, step.loss, step.tau, step.soft_lcs)]
+            print(f"{steps[0]:4d} {step.phase[0] if step.phase else '':7s} " + " | ".join(cells), flush=True)
 
     t0 = time.perf_counter()
-    batch = DlmiBatch(loaded, [r["ids"] for r in chosen], config, keys=[r["id"] for r in chosen])
-    results = run_batch(batch, progress)
+    results = invert_outputs(loaded, [r["ids"] for r in chosen], config, keys=[r["id"] for r in chosen],
+                             on_step=progress)
     wall = time.perf_counter() - t0
     total_steps = max(r.steps for r in results)
     for rec, res in zip(chosen, results):

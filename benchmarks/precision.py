@@ -23,7 +23,8 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import hardware
 
-from lit_inversion.dlmi.algorithm import DlmiBatch, DlmiConfig, run_batch
+from lit_inversion.dlmi.algorithm import DlmiConfig
+from lit_inversion.dlmi.pool import invert_outputs
 from lit_inversion.dlmi.targets import read_jsonl
 from lit_inversion.models import load_model
 from lit_inversion.sipit.algorithm import SipItConfig, invert
@@ -60,10 +61,10 @@ def dlmi_rows(loaded, steps: int, target_id: str) -> list[dict]:
     rows = []
     for dtype in DTYPES:
         config = DlmiConfig(compute_dtype=dtype, num_steps=steps, check_every=steps)
-        batch = DlmiBatch(loaded, [target["ids"]], config, keys=[target_id])
         losses = []
         start = time.perf_counter()
-        result = run_batch(batch, lambda b, stats: losses.append(float(stats.loss[0])))[0]
+        (result,) = invert_outputs(loaded, [target["ids"]], config, keys=[target_id],
+                                   on_step=lambda step: losses.extend(step.loss))
         seconds = time.perf_counter() - start
         relaxed = [x for x in losses[: config.relaxed_steps]]
         rows.append(dict(method="dlmi", target=target_id, dtype=dtype, s_per_step=seconds / max(1, result.steps),

@@ -100,5 +100,15 @@ def _isolated_cache(test_cache, monkeypatch):
     monkeypatch.setenv("LIT_INVERSION_CACHE", str(test_cache))
 
 
+def step_to_end(batch) -> list:
+    """Step a hand-built batch as the pool steps a slot (honest check when due) until it stops; its
+    results. Tests use it on batches they set up by hand; runs go through `lit_inversion.dlmi.pool`."""
+    while not batch.finished:
+        batch.step()
+        if batch.check_due:
+            batch.check()
+    return [batch.result(b) for b in range(batch.batch_size)]
+
+
 def cli_command() -> list[str]:
     return [sys.executable, "-m", "lit_inversion"]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lit_inversion import invert_hidden_states, invert_output
-from lit_inversion.dlmi.algorithm import DlmiBatch, DlmiConfig, greedy_decode, run_batch
+from lit_inversion.dlmi.algorithm import DlmiBatch, DlmiConfig, greedy_decode
+from tests.conftest import step_to_end as run_batch
 from lit_inversion.dlmi.baselines import make_batch, method_config
 from lit_inversion.dlmi.gcg import GcgBatch, allowed_tokens, map_with_backoff, retokenization_mask
 from lit_inversion.dlmi.reinforce import ReinforceBatch, ema_update

@@ -23,7 +23,7 @@ Token convention (`lit_inversion.tokens`): prompts and targets never contain BOS
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -427,33 +427,3 @@ class DlmiBatch(TargetBatch):
     def set_extra_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         super().set_extra_state(state)
-
-
-def run_batch(batch: DlmiBatch, callback: Callable[[DlmiBatch, StepStats], None] | None = None) -> list[DlmiResult]:
-    """Step a batch until every target matches or runs out of steps, checking every `check_every` steps."""
-    while not batch.finished:
-        stats = batch.step()
-        if callback is not None:
-            callback(batch, stats)
-        if batch.check_due:
-            batch.check()
-    return [batch.result(b) for b in range(batch.batch_size)]
-
-
-def invert_outputs(loaded, targets: Sequence[Sequence[int]], config: DlmiConfig | None = None,
-                   batch_size: int | None = None, keys: Sequence[object] | None = None,
-                   callback: Callable[[DlmiBatch, StepStats], None] | None = None,
-                   batch_class: Callable[..., DlmiBatch] | None = None) -> list[DlmiResult]:
-    """Find, for each target, a prompt whose greedy continuation reproduces it (DLMI, or the method
-    whose batch `batch_class(loaded, targets, config, keys)` builds)."""
-    config = config or DlmiConfig()
-    validate_targets(loaded, targets, config)
-    keys = list(keys) if keys is not None else None
-    size = batch_size or len(targets)
-    results: list[DlmiResult] = []
-    for start in range(0, len(targets), size):
-        chunk = targets[start : start + size]
-        batch = (batch_class or DlmiBatch)(loaded, chunk, config, None if keys is None else keys[start : start + size])
-        results.extend(run_batch(batch, callback))
-    return results
-

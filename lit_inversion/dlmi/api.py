@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from lit_inversion.dlmi.algorithm import DlmiResult
-from lit_inversion.dlmi.baselines import invert_outputs_by_method, method_config
+from lit_inversion.dlmi.baselines import method_config
+from lit_inversion.dlmi.pool import invert_outputs
 from lit_inversion.models import DEFAULT_MODEL, LoadedModel, load_model
 from lit_inversion.tokens import encode
 
@@ -16,13 +17,13 @@ def invert_output(
     method: str = "dlmi",
     **config,
 ) -> DlmiResult | list[DlmiResult]:
-    """Find a prompt whose greedy continuation is `target` (text or token ids; a list of them is
-    optimised as one batch). `method` is dlmi (default), gbda, reinforce or gcg; extra keyword
+    """Find a prompt whose greedy continuation is `target` (text or token ids; a list of them runs
+    in as many slots, each target with its own state). `method` is dlmi (default), gbda, reinforce or gcg; extra keyword
     arguments set `BaselineConfig` fields (DlmiConfig's and the baselines' options)."""
     settings = method_config(method, prompt_length=prompt_length, num_steps=num_steps, **config)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     single = isinstance(target, str) or (isinstance(target, list) and all(isinstance(i, int) for i in target))
     targets = [target] if single else list(target)
     ids = [encode(loaded.tokenizer, t) if isinstance(t, str) else [int(i) for i in t] for t in targets]
-    results = invert_outputs_by_method(loaded, ids, settings)
+    results = invert_outputs(loaded, ids, settings)
     return results[0] if single else results

@@ -1,7 +1,7 @@
 """The published output -> prompt baselines, selectable next to DLMI through `method`.
 
 Every method's batch is a `TargetBatch` (batch.py), so they share the targets, the honest check
-(greedy decoding from the discrete prompt), the results, `run_batch`, the Lightning module and
+(greedy decoding from the discrete prompt), the results, the pool of slots (`pool.py`), the Lightning module and
 checkpoint/resume; none inherits another method's state:
 
 - `dlmi`: the default `DlmiConfig` (unchanged).
@@ -17,10 +17,10 @@ prompt rather than the best checked one (GCG keeps the best, as nanoGCG returns 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
-from lit_inversion.dlmi.algorithm import DlmiBatch, DlmiConfig, DlmiResult, StepStats, invert_outputs
+from lit_inversion.dlmi.algorithm import DlmiBatch, DlmiConfig
 from lit_inversion.dlmi.batch import TargetBatch
 from lit_inversion.errors import InversionError
 
@@ -104,10 +104,3 @@ def make_batch(loaded, targets: Sequence[Sequence[int]], config: DlmiConfig,
 
         return GcgBatch(loaded, targets, config, keys)
     return DlmiBatch(loaded, targets, config, keys)
-
-
-def invert_outputs_by_method(loaded, targets: Sequence[Sequence[int]], config: BaselineConfig,
-                             batch_size: int | None = None, keys: Sequence[object] | None = None,
-                             callback: Callable[[DlmiBatch, StepStats], None] | None = None) -> list[DlmiResult]:
-    """`invert_outputs` for any method: batches of targets stepped until matched or out of steps."""
-    return invert_outputs(loaded, targets, config, batch_size, keys, callback, batch_class=make_batch)

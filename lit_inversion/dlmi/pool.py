@@ -17,14 +17,14 @@ continues each one where it was.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from lit_inversion.dlmi.algorithm import DlmiResult
-from lit_inversion.dlmi.baselines import make_batch
-from lit_inversion.dlmi.batch import TargetBatch, check_batches
+from lit_inversion.dlmi.baselines import make_batch, method_config
+from lit_inversion.dlmi.batch import TargetBatch, check_batches, validate_targets
 from lit_inversion.dlmi.data import OutputTarget
 
 
@@ -43,6 +43,8 @@ class PoolStep:
     """What one pool step did: per stepped target its loss, temperature (nan where a method has none)
     and soft LCS, the honest results of the targets checked, and the targets that left their slots."""
 
+    ids: list[str] = field(default_factory=list)  # the targets stepped, in slot order
+    phase: list[str] = field(default_factory=list)  # "relaxed", "refine", "gcg", "reinforce"
     loss: list[float] = field(default_factory=list)
     tau: list[float] = field(default_factory=list)
     soft_lcs: list[float] = field(default_factory=list)
@@ -99,6 +101,8 @@ class TargetPool:
             stats = slot.batch.step()
             # One host sync for the slot's three figures.
             loss, tau, soft_lcs = torch.stack([stats.loss[0], stats.tau[0], stats.soft_lcs[0].to(stats.loss.dtype)]).tolist()
+            out.ids.append(slot.target.id)
+            out.phase.append(stats.phase)
             out.loss.append(loss)
             out.tau.append(tau)
             out.soft_lcs.append(soft_lcs)
@@ -129,12 +133,36 @@ class TargetPool:
             self.enqueue(queued)
 
 
-def run_pool(loaded, targets: Iterable[OutputTarget], config, slots: int) -> list[tuple[str, DlmiResult]]:
+def run_pool(loaded, targets: Iterable[OutputTarget], config, slots: int,
+             on_step: Callable[[PoolStep], None] | None = None) -> list[tuple[str, DlmiResult]]:
     """The DLMI job's step loop without Lightning: step a pool until every target has left it;
-    (id, result) in the order the targets finished."""
+    (id, result) in the order the targets finished. `on_step` sees each step's `PoolStep`."""
     pool = TargetPool(loaded, config, slots)
     pool.enqueue(targets)
     finished: list[tuple[str, DlmiResult]] = []
     while not pool.empty:
-        finished += pool.step().finished
+        step = pool.step()
+        if on_step is not None:
+            on_step(step)
+        finished += step.finished
     return finished
+
+
+def invert_outputs(loaded, targets: Sequence[Sequence[int]], config=None, batch_size: int | None = None,
+                   keys: Sequence[object] | None = None,
+                   on_step: Callable[[PoolStep], None] | None = None) -> list[DlmiResult]:
+    """Find, for each target, a prompt whose greedy continuation reproduces it, with `config.method`
+    (DLMI by default), through the same pool of slots as the Lightning job: `batch_size` slots
+    (default: one per target). Results come in the order of `targets`.
+
+    A target's noise is seeded from the run seed and its key (default: its ids), so it follows the
+    same path whatever else is run beside it."""
+    config = config or method_config("dlmi")
+    validate_targets(loaded, targets, config)
+    names: list[str] = []
+    for i, ids in enumerate(targets):
+        name = str(keys[i]) if keys is not None else str(tuple(int(t) for t in ids))
+        names.append(name if name not in names else f"{name}#{i}")  # a repeated target still gets its result
+    finished = dict(run_pool(loaded, [OutputTarget(n, [int(t) for t in ids]) for n, ids in zip(names, targets)],
+                             config, batch_size or len(targets), on_step))
+    return [finished[n] for n in names]

@@ -1,11 +1,17 @@
-"""The paper's difficulty-k targets: continuations that follow the k'-th most likely token.
+"""Targets for output inversion: the paper's difficulty-k targets, and reachable ones.
 
-From `[BOS]` (the token convention: target ids never include BOS), each of the M tokens is the
-k'-th most likely next token with k' = max(1, round(N(k, 1))) drawn per token. k = 1 is greedy text;
-larger k gives less likely, harder-to-invert targets. Special tokens are never chosen, so a target
-is plain text.
+Difficulty-k: from `[BOS]` (the token convention: target ids never include BOS), each of the M tokens
+is the k'-th most likely next token with k' = max(1, round(N(k, 1))) drawn per token. k = 1 is greedy
+text; larger k gives less likely, harder-to-invert targets. Special tokens are never chosen. Such a
+target may have no short prompt at all that does not copy it.
+
+Reachable: a prompt x* of N tokens (half natural text from `--source`, half random printable-ASCII
+tokens, the tokens the swap search may use), and y its greedy M-token continuation, kept only if
+LCS(x*, y) / M <= 0.25: a non-copying prompt of length N provably exists. Records carry x*
+(`prompt_ids`) to compare with what a method finds.
 
     python -m lit_inversion.dlmi.targets --out data/dlmi_smollm2_k25.jsonl
+    python -m lit_inversion.dlmi.targets --reachable --count 8 --seed 1 --prompt-length 20 --out reach.jsonl
 """
 
 from __future__ import annotations
@@ -69,12 +75,73 @@ def perplexity(loaded, ids: Sequence[int], prepend_bos: bool = True) -> float:
     return math.exp(float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids, device=device))))
 
 
+REACHABLE_MAX_COPY = 0.25  # LCS(x*, y) / M above this: y could be reached by copying x*
+
+
+def _natural_prompt(loaded, sentences: Sequence[str], length: int, rng: random.Random) -> list[int] | None:
+    """The first `length` tokens of consecutive source lines from a random one (None: not all allowed)."""
+    from lit_inversion.dlmi.vocab import allowed_tokens
+    from lit_inversion.tokens import encode
+
+    allowed = allowed_tokens(loaded.tokenizer, loaded.vocab_size)
+    start = rng.randrange(len(sentences))
+    ids: list[int] = []
+    for j in range(len(sentences)):
+        ids += encode(loaded.tokenizer, (" " if ids else "") + sentences[(start + j) % len(sentences)])
+        if len(ids) >= length:
+            break
+    ids = ids[:length]
+    return ids if len(ids) == length and all(bool(allowed[i]) for i in ids) else None
+
+
+def _random_prompt(loaded, length: int, rng: random.Random) -> list[int]:
+    from lit_inversion.dlmi.vocab import allowed_tokens
+
+    choices = torch.nonzero(allowed_tokens(loaded.tokenizer, loaded.vocab_size)).flatten().tolist()
+    return [rng.choice(choices) for _ in range(length)]
+
+
+def make_reachable_targets(loaded, count: int, prompt_length: int = 20, length: int = 20, seed: int = 0,
+                           sources: Sequence[str] = (), prepend_bos: bool = True, tries: int = 50) -> list[dict]:
+    """`count` targets with a known non-copying solution: half from natural-text prompts (lines of
+    `sources`), half from random allowed tokens; each is the greedy continuation of its prompt."""
+    from lit_inversion.dlmi.batch import greedy_decode
+    from lit_inversion.errors import InversionError
+    from lit_inversion.metrics import lcs_ratio
+
+    rng = random.Random(seed)
+    device = loaded.model.get_input_embeddings().weight.device
+    prefix = context_prefix(loaded.bos_id, prepend_bos)
+    natural = count // 2 if sources else 0
+    targets = []
+    for j in range(count):
+        kind = "natural" if j < natural else "random"
+        for _ in range(tries):
+            prompt = (_natural_prompt(loaded, sources, prompt_length, rng) if kind == "natural"
+                      else _random_prompt(loaded, prompt_length, rng))
+            if prompt is None:
+                continue
+            ids = torch.tensor([prefix + prompt], device=device)
+            output = greedy_decode(loaded.model, ids, length)[0].tolist()
+            copied = lcs_ratio(prompt, output)
+            if copied <= REACHABLE_MAX_COPY:
+                break
+        else:
+            raise InversionError(f"no {kind} prompt in {tries} tries had a continuation with LCS(prompt, target) "
+                                 f"<= {REACHABLE_MAX_COPY}: try another --seed or a longer --length")
+        targets.append({"id": f"reach-{kind}-{seed}-{j}", "kind": kind, "ids": output,
+                        "text": decode(loaded.tokenizer, output), "prompt_ids": prompt,
+                        "prompt_text": decode(loaded.tokenizer, prompt), "prompt_target_lcs": round(copied, 4)})
+    return targets
+
+
 def write_jsonl(targets: Sequence[dict], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    keys = ("id", "k", "kind", "ids", "text", "prompt_ids", "prompt_text", "prompt_target_lcs")
     with open(path, "w", encoding="utf-8") as f:
         for t in targets:
-            f.write(json.dumps({key: t[key] for key in ("id", "k", "ids", "text")}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({key: t[key] for key in keys if key in t}, ensure_ascii=False) + "\n")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -92,8 +159,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--length", type=int, default=20)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", required=True)
+    reach = parser.add_argument_group("reachable targets (--reachable): the greedy continuations of known prompts")
+    reach.add_argument("--reachable", action="store_true")
+    reach.add_argument("--count", type=int, default=8, help="targets (half natural, half random prompts)")
+    reach.add_argument("--prompt-length", type=int, default=20, help="N, the known prompt's length")
+    reach.add_argument("--source", default=str(Path(__file__).resolve().parents[2] / "data" / "seed_sentences.txt"),
+                       help="text lines the natural prompts are cut from")
     args = parser.parse_args(argv)
     loaded = load_model(args.model)
+    if args.reachable:
+        sources = [line.strip() for line in Path(args.source).read_text(encoding="utf-8").splitlines() if line.strip()]
+        targets = make_reachable_targets(loaded, args.count, args.prompt_length, args.length, args.seed, sources)
+        write_jsonl(targets, args.out)
+        for t in targets:
+            print(f"{t['id']}: LCS(prompt, target) {t['prompt_target_lcs']:.2f} | {t['prompt_text']!r} -> {t['text']!r}")
+        return
     ks = [int(k) if float(k).is_integer() else k for k in args.ks]
     targets = make_difficulty_targets(loaded, ks, args.per_k, args.length, args.seed)
     write_jsonl(targets, args.out)
