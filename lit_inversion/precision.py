@@ -54,6 +54,13 @@ def exact_float32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32 = cudnn
 
 
+def model_dtype_region(device: torch.device | str):
+    """Autocast off inside. Lightning's mixed precision autocasts the whole training step; the states
+    the verifier compares, the first-position table, the token map's fit, PEZ's projection and the
+    honest check must run in the model's own dtype instead."""
+    return torch.autocast(torch.device(device).type, enabled=False)
+
+
 def check_trainer_precision(precision: str) -> None:
     """Reject "true" half precision: it casts the module's inputs, i.e. the captured states."""
     if str(precision) in ("bf16-true", "16-true"):

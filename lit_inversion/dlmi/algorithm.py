@@ -22,7 +22,6 @@ Token convention (`lit_inversion.tokens`): prompts and targets never contain BOS
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -418,12 +417,3 @@ class DlmiBatch(TargetBatch):
         if c.max_seconds is not None:
             done = max(done, float(self.seconds[b]) / c.max_seconds)
         return max(1, round(c.swap_tokens - (c.swap_tokens - 1) * min(1.0, 2 * done)))
-
-    # ----- checkpointing -------------------------------------------------------------------------
-    def get_extra_state(self) -> dict:
-        # A deep copy: the optimizer updates its moment tensors in place.
-        return {**super().get_extra_state(), "optimizer": copy.deepcopy(self.optimizer.state_dict())}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        super().set_extra_state(state)

@@ -12,6 +12,7 @@ The honest check decodes greedily from the discrete prompt and scores that again
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import math
@@ -27,7 +28,7 @@ from lit_inversion.dlmi import search
 from lit_inversion.dlmi.vocab import allowed_tokens, forbidden_for_target
 from lit_inversion.errors import InversionError
 from lit_inversion.metrics import lcs_ratio
-from lit_inversion.precision import DTYPES, resolve_dtype  # noqa: F401 (re-exported)
+from lit_inversion.precision import DTYPES, model_dtype_region, resolve_dtype  # noqa: F401 (re-exported)
 from lit_inversion.tokens import check_ids, context_prefix, decode
 
 @dataclass
@@ -310,7 +311,7 @@ class TargetBatch(nn.Module):
         """[R, num_tokens] greedy continuations of prompts [R, N] (after the BOS prefix)."""
         prefix = torch.tensor(self.prefix, dtype=torch.long, device=prompts.device).expand(len(prompts), -1)
         # The honest check decodes in the model's own dtype, also under a trainer's mixed precision.
-        with torch.autocast(self._embeddings.device.type, enabled=False):
+        with model_dtype_region(self._embeddings.device):
             return greedy_decode(self.loaded.model, torch.cat([prefix, prompts], 1), num_tokens)
 
     @torch.no_grad()
@@ -341,11 +342,18 @@ class TargetBatch(nn.Module):
 
     # ----- checkpointing ------------------------------------------------------------------------
     # Extra state travels with nn.Module.state_dict(), also when this batch is a submodule, so a
-    # checkpoint resumes the noise exactly; subclasses add their optimizer.
+    # checkpoint resumes the noise and (for methods with one) the optimizer exactly.
+    optimizer: torch.optim.Optimizer | None = None
+
     def get_extra_state(self) -> dict:
-        return {"generators": [g.get_state() for g in self.generators], "generator_device": self.device.type}
+        state = {"generators": [g.get_state() for g in self.generators], "generator_device": self.device.type}
+        if self.optimizer is not None:  # a deep copy: the optimizer updates its moment tensors in place
+            state["optimizer"] = copy.deepcopy(self.optimizer.state_dict())
+        return state
 
     def set_extra_state(self, state: dict) -> None:
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         for g, saved in zip(self.generators, state["generators"]):
             restore_generator(g, saved, state.get("generator_device", "cpu"))
         self._started = time.perf_counter() - float(self.seconds.max())  # buffers are loaded first

@@ -10,8 +10,6 @@ The answer is argmax Z, the mode of the distribution. No temperature: samples fo
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -78,10 +76,3 @@ class ReinforceBatch(TargetBatch):
         self.logits.data[frozen] = saved
         self.soft_lcs[idx] = torch.tensor(self._lcs_rows(tf_logits.argmax(-1), rows), device=idx.device).view(A, S).mean(1)
         return ce.mean(1)
-
-    def get_extra_state(self) -> dict:
-        return {**super().get_extra_state(), "optimizer": copy.deepcopy(self.optimizer.state_dict())}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        super().set_extra_state(state)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lit_inversion.errors import InversionError
+from lit_inversion.precision import model_dtype_region
 from lit_inversion.sipit.config import SipItConfig, check_capture_dtype
 from lit_inversion.sipit.index import TokenIndex
 from lit_inversion.sipit.policies import Policy, make_policy
@@ -101,7 +102,7 @@ def invert(
     try:
         # Everything but the chains (which pick their own dtype) runs in float32, whatever autocast the
         # caller (e.g. a trainer's mixed precision) has on: the KV cache feeds the float32 verifier.
-        with torch.autocast(probe.device.type, enabled=False):
+        with model_dtype_region(probe.device):
             return _invert(probe, targets, prefix, config, true_ids, table, on_position,
                            capture_dtype, verifier_probe)
     finally:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from lit_inversion.errors import InversionError
+from lit_inversion.precision import model_dtype_region
 from lit_inversion.sipit.algorithm import SipItResult
 from lit_inversion.states import LayerProbe
 
@@ -67,7 +68,7 @@ def invert_pez(probe: LayerProbe, targets: torch.Tensor, prefix: list[int], conf
                true_ids: list[int] | None = None) -> SipItResult:
     """Recover the prompt whose states at `probe.layer` (after `prefix`) are `targets` [T, d], PEZ-style."""
     # float32 like the SIP-It verifier, and gradients on even under a caller's no_grad.
-    with torch.autocast(probe.device.type, enabled=False), torch.enable_grad():
+    with model_dtype_region(probe.device), torch.enable_grad():
         return _invert_pez(probe, targets.float().to(probe.device), list(prefix), config or PezConfig(), true_ids)
 
 

@@ -15,6 +15,7 @@ import hashlib
 import torch
 
 from lit_inversion.cache import build_lock, cache_dir, save_atomically
+from lit_inversion.precision import model_dtype_region
 from lit_inversion.states import LayerProbe, check_finite, expand_cache
 
 TABLE_DTYPE = torch.bfloat16
@@ -49,7 +50,7 @@ def _build_table(probe: LayerProbe, prefix: list[int], batch_size: int) -> torch
     what = f"the first-position table of layer {probe.layer}"
     vocab = probe.embedding.weight.shape[0]
     rows = []
-    with torch.autocast(probe.device.type, enabled=False):  # float32 states, also under mixed precision
+    with model_dtype_region(probe.device):  # float32 states, also under mixed precision
         prefix_cache = probe.prefix_cache(prefix)
         for start in range(0, vocab, batch_size):
             ids = torch.arange(start, min(vocab, start + batch_size), device=probe.device)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from lit_inversion.cache import build_lock, cache_dir, save_atomically
+from lit_inversion.precision import model_dtype_region
 from lit_inversion.sipit.table import cache_key
 from lit_inversion.states import LayerProbe, check_finite
 
@@ -71,7 +72,7 @@ def _fit_map(probe: LayerProbe, prefix: list[int], samples: int, context: int, b
     head = torch.tensor(list(prefix), dtype=torch.long, device="cpu").expand(len(contexts), -1)
     sequences = torch.cat([head, contexts], 1).to(probe.device)
     states, tokens = [], []
-    with torch.autocast(probe.device.type, enabled=False):
+    with model_dtype_region(probe.device):
         for start in range(0, len(sequences), batch_size):
             rows = sequences[start : start + batch_size]
             out = probe.forward(input_ids=rows)[:, len(prefix):].float()
@@ -101,7 +102,7 @@ def _fit_ranking(x: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor, em
     log_scale = torch.tensor(3.0, device=device, requires_grad=True)  # the softmax's inverse temperature
     optimizer = torch.optim.Adam([weight, log_scale], lr=1e-3)
     lookup = torch.full((vocab,), -1, dtype=torch.long, device=device)
-    with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+    with torch.enable_grad(), model_dtype_region(device):
         for _ in range(MAP_EPOCHS):
             for rows in torch.randperm(len(x), generator=generator, device="cpu").to(device).split(MAP_BATCH):
                 y = tokens[rows]
