@@ -16,6 +16,7 @@ shards are balanced by target length.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 
+from lit_inversion.errors import InversionError
 from lit_inversion.results import ResultsWriter, read_results
 
 T = TypeVar("T")
@@ -34,7 +36,7 @@ T = TypeVar("T")
 INVERSION_TIMEOUT = timedelta(hours=24)
 
 
-def shard(items: list[T], rank: int, world: int, size=None) -> list[T | None]:
+def shard(items: list[T], rank: int, world: int, size: Callable[[T], int] | None = None) -> list[T | None]:
     """This rank's items, padded with None so every rank gets the same count.
 
     With `size` (an item's cost, e.g. its length), items are dealt longest first, round robin, so
@@ -84,8 +86,6 @@ def use_for_ddp() -> None:
 
 def check_strategy(trainer: L.Trainer) -> None:
     """Reject Lightning's DDP wrapper before it wraps: it would average prompts across ranks."""
-    from lit_inversion.errors import InversionError
-
     strategy = trainer.strategy
     if isinstance(strategy, DDPStrategy) and not isinstance(strategy, IndependentRanks):
         raise InversionError(
