@@ -12,7 +12,7 @@ import contextlib
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from filelock import FileLock
@@ -37,6 +37,18 @@ def build_lock(path: Path) -> Iterator[None]:
 def temporary_name(path: Path) -> Path:
     """A sibling name no other process (on this node or another) can pick."""
     return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def built_once(path: Path, build: Callable[[], object], load: Callable[[Path], object],
+               saved: Callable[[object], object] = lambda value: value):
+    """`load(path)` if the file exists, else `build()`, saved as `saved(value)`: under the file's lock,
+    so the processes of a distributed run build it once and the others wait and load it."""
+    with build_lock(path):
+        if path.is_file():
+            return load(path)
+        value = build()
+        save_atomically(saved(value), path)
+        return value
 
 
 def save_atomically(obj, path: Path) -> None:

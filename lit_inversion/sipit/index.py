@@ -18,8 +18,8 @@ class TokenIndex:
     def __init__(self, embedding: torch.Tensor, table: torch.Tensor | None, token_map: StateTokenMap | None = None):
         self.embedding = embedding.detach().float()  # the model's own weight when it is float32: no copy
         self.token_map = None if token_map is None else token_map.to(self.embedding.device)
-        self.embedding_norm = self.embedding.norm(dim=-1).clamp(min=1e-6)
         self.embedding_sq = self.embedding.pow(2).sum(-1)
+        self.embedding_norm = self.embedding_sq.sqrt().clamp(min=1e-6)
         self.table = None if table is None else table.float()
         self.table_sq = None if table is None else self.table.pow(2).sum(-1)
         self.table_norm = None if table is None else self.table_sq.sqrt().clamp(min=1e-6)

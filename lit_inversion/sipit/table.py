@@ -14,7 +14,7 @@ import hashlib
 
 import torch
 
-from lit_inversion.cache import build_lock, cache_dir, save_atomically
+from lit_inversion.cache import built_once, cache_dir
 from lit_inversion.precision import model_dtype_region
 from lit_inversion.states import LayerProbe, check_finite, expand_cache
 
@@ -36,14 +36,13 @@ def first_position_table(probe: LayerProbe, prefix: list[int], batch_size: int =
     path = cache_dir() / "tables" / cache_key(probe, prefix, f"table-{_FORMAT}")
     if not cache:
         return _build_table(probe, prefix, batch_size)
-    with build_lock(path):  # one process of a distributed run builds it; the others wait and load it
-        if path.is_file():
-            table = torch.load(path, map_location=probe.device)
-            check_finite(table, f"the first-position table of layer {probe.layer}", f"delete {path} and run again")
-            return table
-        table = _build_table(probe, prefix, batch_size)
-        save_atomically(table.cpu(), path)
-    return table
+
+    def load(path):
+        table = torch.load(path, map_location=probe.device)
+        check_finite(table, f"the first-position table of layer {probe.layer}", f"delete {path} and run again")
+        return table
+
+    return built_once(path, lambda: _build_table(probe, prefix, batch_size), load, saved=lambda table: table.cpu())
 
 
 def _build_table(probe: LayerProbe, prefix: list[int], batch_size: int) -> torch.Tensor:

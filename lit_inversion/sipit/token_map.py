@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lit_inversion.cache import build_lock, cache_dir, save_atomically
+from lit_inversion.cache import built_once, cache_dir
 from lit_inversion.precision import model_dtype_region
 from lit_inversion.sipit.table import cache_key
 from lit_inversion.states import LayerProbe, check_finite
@@ -56,12 +56,9 @@ def learned_token_map(probe: LayerProbe, prefix: list[int], samples: int = MAP_S
     path = cache_dir() / "tables" / cache_key(probe, prefix, f"map{samples}x{context}ce{MAP_EPOCHS}")
     if not cache:
         return _fit_map(probe, prefix, samples, context, batch_size, seed)
-    with build_lock(path):  # one process of a distributed run fits it; the others wait and load it
-        if path.is_file():
-            return StateTokenMap(**torch.load(path, map_location=probe.device))
-        token_map = _fit_map(probe, prefix, samples, context, batch_size, seed)
-        save_atomically({k: v.cpu() for k, v in vars(token_map).items()}, path)
-    return token_map
+    return built_once(path, lambda: _fit_map(probe, prefix, samples, context, batch_size, seed),
+                      lambda path: StateTokenMap(**torch.load(path, map_location=probe.device)),
+                      saved=lambda token_map: {k: v.cpu() for k, v in vars(token_map).items()})
 
 
 def _fit_map(probe: LayerProbe, prefix: list[int], samples: int, context: int, batch_size: int,
