@@ -35,9 +35,9 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import hardware, median_seconds
 
-from lit_inversion.dlmi.algorithm import DlmiConfig
-from lit_inversion.dlmi.algorithm import greedy_decode
-from lit_inversion.dlmi.baselines import make_batch, method_config
+from lit_inversion.dlmi.config import DlmiConfig
+from lit_inversion.dlmi.batch import greedy_decode
+from lit_inversion.dlmi import make_batch, method_config
 from lit_inversion.dlmi.data import OutputTarget
 from lit_inversion.dlmi.pool import invert_outputs, run_pool
 from lit_inversion.models import load_model
@@ -109,8 +109,8 @@ def step_cost(loaded, config: DlmiConfig, target: list[int], repeats: int = 3) -
 
     batch = make_batch(loaded, [target], config)
     model, E, M = loaded.model, loaded.model.get_input_embeddings().weight, len(target)
-    searching = config.refine_steps > 0 or getattr(config, "method", "dlmi") == "gcg"
-    rows = 1 if searching else config.gumbel_samples
+    searching = config.method == "gcg" or (config.method != "reinforce" and config.refine_steps > 0)
+    rows = 1 if searching else config.samples if config.method == "reinforce" else config.gumbel_samples
     prefix = [loaded.bos_id] if config.prepend_bos and loaded.bos_id is not None else []
     ids = torch.tensor(prefix + [target[0]] * config.prompt_length + target[:-1]).expand(rows, -1)
     labels = torch.tensor(target).repeat(rows)

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from lit_inversion.dlmi.algorithm import DlmiBatch, DlmiConfig
+from lit_inversion.dlmi import DlmiBatch, DlmiConfig
 from lit_inversion.dlmi.pool import invert_outputs
 from lit_inversion.dlmi.targets import read_jsonl
 from lit_inversion.models import load_model

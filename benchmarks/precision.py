@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import hardware
 
-from lit_inversion.dlmi.algorithm import DlmiConfig
+from lit_inversion.dlmi.config import DlmiConfig
 from lit_inversion.dlmi.pool import invert_outputs
 from lit_inversion.dlmi.targets import read_jsonl
 from lit_inversion.models import load_model

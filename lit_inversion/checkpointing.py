@@ -22,14 +22,11 @@ class LastCheckpoint(ModelCheckpoint):
     def save_now(self, trainer: L.Trainer) -> None:
         path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
         tmp = path + ".tmp"
-        # Not trainer.save_checkpoint: its barrier would deadlock ranks that save mid-target at
-        # different times (SIP-It). Rank 0 writes the file; a job whose state lives on every rank
-        # gathers it in on_save_checkpoint (DLMI, whose ranks run in step); other ranks' finished
-        # targets are in their results files.
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        # Rank 0 writes the file (IndependentRanks skips the save's barrier: SIP-It's ranks save at
+        # different times); a job whose state lives on every rank gathers it in on_save_checkpoint
+        # (DLMI, whose ranks run in step); other ranks' finished targets are in their results files.
+        trainer.save_checkpoint(tmp)
         if trainer.is_global_zero:
-            os.makedirs(self.dirpath, exist_ok=True)
-            trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, tmp)
             os.replace(tmp, path)
         self.last_model_path = path
 

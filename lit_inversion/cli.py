@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from argparse import ArgumentError
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from lit_inversion.console import quiet
@@ -35,12 +36,22 @@ class InversionCLI(LightningCLI):
             config["model"]["init_args"]["results_path"] = results_path
 
 
+def use_method_configs() -> None:
+    """`--model.method GcgConfig` picks a method's config class by name (the dataclasses are subclass
+    types), and `--help` shows the docstring under each of its fields."""
+    from lit_inversion.dlmi.config import OutputConfig
+    from lit_inversion.sipit.config import StatesConfig
+
+    set_parsing_settings(subclasses_enabled=[OutputConfig, StatesConfig], docstring_parse_attribute_docstrings=True)
+
+
 def main(args: list[str] | None = None) -> None:
     import lightning as L
 
     argv = sys.argv[1:] if args is None else list(args)
     quiet(verbose="--verbose" in argv)  # before parsing: seeding and the Trainer already print
     use_for_ddp()  # `--trainer.strategy ddp` (and auto on several devices) without the gradient-averaging wrapper
+    use_method_configs()
     try:
         InversionCLI(
             L.LightningModule,

@@ -69,6 +69,13 @@ class IndependentRanks(DDPStrategy):
         # parameters are made per target). Only the device move, done by setup(), is needed.
         pass
 
+    def barrier(self, name: str | None = None) -> None:
+        # Ranks save `last.ckpt` whenever their own targets allow (SIP-It's ranks finish targets at
+        # different times; rank 0 writes the file): waiting for the others there would stall them all.
+        if name == "Trainer.save_checkpoint":
+            return
+        super().barrier(name)
+
 
 StrategyRegistry.register(IndependentRanks.strategy_name, IndependentRanks, override=True,
                           description="DDP processes without gradient averaging (lit-inversion)")

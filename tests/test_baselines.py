@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from lit_inversion import invert_hidden_states, invert_output
-from lit_inversion.dlmi.algorithm import DlmiBatch, DlmiConfig, greedy_decode
+from lit_inversion.dlmi import DlmiBatch, DlmiConfig, greedy_decode
 from tests.conftest import step_to_end as run_batch
-from lit_inversion.dlmi.baselines import make_batch, method_config
+from lit_inversion.dlmi import make_batch, method_config
 from lit_inversion.dlmi.gcg import GcgBatch, allowed_tokens, map_with_backoff, retokenization_mask
 from lit_inversion.dlmi.reinforce import ReinforceBatch, ema_update
 from lit_inversion.errors import InversionError
@@ -64,15 +64,17 @@ def test_dlmi_method_keeps_dlmi_defaults_and_baselines_get_their_presets():
     gcg = method_config("gcg")
     nano = (gcg.search_width, gcg.topk, gcg.n_replace, gcg.allow_non_ascii, gcg.filter_ids)
     assert nano == (512, 256, 1, False, True)
-    assert gcg.check_every == 1 and gcg.keep_best and gcg.refine_steps == 0
+    assert gcg.check_every == 1 and gcg.keep_best and gcg.compute_dtype == "float32"
+    assert not hasattr(gcg, "refine_fraction") and not hasattr(gcg, "tau0")  # no fake temperatures
     assert method_config("reinforce").baseline_decay == 0.9
 
 
 @pytest.mark.parametrize("method, overrides, message", [
-    ("soda", {}, "method must be one of dlmi, gbda, reinforce, gcg"),
+    ("soda", {}, "method must be one of dlmi, gbda, gcg, reinforce"),
     ("gcg", {"search_width": 0}, "search_width must be at least 1"),
     ("gcg", {"n_replace": 9, "prompt_length": 4}, r"n_replace \(9\) must not exceed prompt_length"),
-    ("gcg", {"refine_fraction": 0.5}, "refine_fraction is a DLMI option: set it to 0 for method gcg"),
+    ("gcg", {"refine_fraction": 0.5}, r"unknown option\(s\) \['refine_fraction'\] for method gcg: GcgConfig has"),
+    ("reinforce", {"gumbel_samples": 2}, "unknown option.*ReinforceConfig has .*samples"),
     ("reinforce", {"baseline_decay": 1.0}, r"baseline_decay must be in \[0, 1\)"),
     ("gcg", {"beam": 3}, "unknown option"),
 ])
@@ -85,18 +87,18 @@ def test_module_rejects_unknown_methods():
     from lit_inversion.dlmi import DlmiModule
     from lit_inversion.sipit import SipItModule
 
-    with pytest.raises(InversionError, match="method must be one of"):
+    with pytest.raises(InversionError, match="method must be a method's config .*GcgConfig"):
         DlmiModule(method="soda")
-    with pytest.raises(InversionError, match="method must be one of sipit, pez"):
+    with pytest.raises(InversionError, match="method must be SipItConfig .* or PezConfig"):
         SipItModule(method="hardprompt")
-    assert DlmiModule(method="gcg", search_width=8).config.search_width == 8
 
 
-@pytest.mark.parametrize("method, options", [("gbda", {}), ("reinforce", {}), ("gcg", SMALL_GCG)])
+@pytest.mark.parametrize("method, options", [("gbda", {"gumbel_samples": 2}), ("reinforce", {"samples": 2}),
+                                             ("gcg", SMALL_GCG)])
 def test_each_baseline_runs_through_invert_output(tiny_llama, method, options):
     target = [5, 9, 5, 9]  # not reachable by this model: the run uses all its steps
     result = invert_output(target, model=tiny_llama, prompt_length=3, num_steps=6, method=method,
-                           gumbel_samples=2, check_every=3, **options)
+                           check_every=3, **options)
     decoded = greedy_decode(tiny_llama.model, torch.tensor([[BOS] + result.prompt_ids]), len(target))[0].tolist()
     assert len(result.prompt_ids) == 3 and result.output_ids == decoded and result.target_ids == target
     assert result.lcs_ratio == pytest.approx(lcs_ratio(decoded, target)) and result.exact_match == (decoded == target)
@@ -159,7 +161,7 @@ def test_gcg_never_proposes_a_disallowed_token(tiny_llama):
 
 
 def test_gcg_scoring_halves_its_batch_and_retries_on_out_of_memory(tiny_llama, monkeypatch):
-    batch = GcgBatch(tiny_llama, [[5, 6, 7]], method_config("gcg", prompt_length=3, gcg_batch_size=16,
+    batch = GcgBatch(tiny_llama, [[5, 6, 7]], method_config("gcg", prompt_length=3, batch_size=16,
                                                             search_width=96, topk=32, filter_ids=False))
     sizes = []
     scorer = batch.searches[0].scorer
@@ -209,7 +211,7 @@ def test_gcg_state_dict_resumes_exactly(tiny_llama):
 # ----- REINFORCE ---------------------------------------------------------------------------------------
 def test_reinforce_baseline_is_an_ema_of_the_reward(tiny_llama):
     assert torch.allclose(ema_update(torch.tensor([2.0]), torch.tensor([-1.0]), 0.9), torch.tensor([1.7]))
-    config = method_config("reinforce", prompt_length=3, num_steps=10, gumbel_samples=4)
+    config = method_config("reinforce", prompt_length=3, num_steps=10, samples=4)
     batch = ReinforceBatch(tiny_llama, [[5, 6, 7], [8, 9]], config)
     z = batch.logits.detach().clone()
     first = batch.step().loss  # mean teacher-forced CE = minus the mean reward
@@ -253,8 +255,8 @@ def test_pez_with_a_small_budget_still_returns_a_full_record(tiny_llama):
 # ----- the CLI -----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_cli_runs_gcg_and_writes_records(tmp_path, tiny_llama_dir):
-    records, stdout = run_dlmi_cli(_dlmi_config(tmp_path, tiny_llama_dir, num_steps=12), "--model.method", "gcg",
-                                   "--model.search_width", "16", "--model.topk", "8")
+    records, stdout = run_dlmi_cli(_dlmi_config(tmp_path, tiny_llama_dir, num_steps=12), "--model.method", "GcgConfig",
+                                   "--model.method.search_width", "16", "--model.method.topk", "8")
     for r in records:
         assert len(r["prompt_ids"]) == 3 and 1 <= r["steps"] <= 12
         assert r["exact_match"] and r["output_ids"] == r["target_ids"]  # reachable targets
@@ -264,8 +266,8 @@ def test_cli_runs_gcg_and_writes_records(tmp_path, tiny_llama_dir):
 @pytest.mark.slow
 def test_cli_runs_pez_and_writes_sipit_records(tmp_path, tiny_llama_dir):
     config = _write_config(tmp_path, tiny_llama_dir, _prompts(tmp_path, 2, 4), layer=1)
-    run = subprocess.run(cli_command() + ["fit", "--config", str(config), "--model.method", "pez",
-                                          "--model.budget_scale", "0.5"],
+    run = subprocess.run(cli_command() + ["fit", "--config", str(config), "--model.method", "PezConfig",
+                                          "--model.method.budget_scale", "0.5"],
                          capture_output=True, text=True, env=_env(), timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     records = read_results(tmp_path / "results.jsonl")

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,12 @@ import torch
 
 from lit_inversion.results import read_results
 from tests.conftest import cli_command
+
+
+BRUTE_FORCE_ONE_AT_A_TIME = """    method:
+      class_path: lit_inversion.sipit.SipItConfig
+      init_args: {policy: random, batch_size: 1}
+"""
 
 
 def _write_config(tmp_path: Path, model_dir: Path, prompts: Path, extra_model: str = "", layer: int = 2) -> Path:
@@ -105,7 +110,7 @@ def test_resume_after_sigkill(tmp_path, tiny_llama_dir):
     # Brute force with one candidate per forward makes each target slow enough to kill mid-run.
     count = 6
     config = _write_config(tmp_path, tiny_llama_dir, _prompts(tmp_path, count, 12),
-                           extra_model="    policy: random\n    batch_size: 1\n", layer=4)
+                           extra_model=BRUTE_FORCE_ONE_AT_A_TIME, layer=4)
     command = cli_command() + ["fit", "--config", str(config), "--ckpt_path", "last"]
     results = tmp_path / "results.jsonl"
     for kill_point in (2, 4):
@@ -125,7 +130,7 @@ def test_resume_after_sigkill(tmp_path, tiny_llama_dir):
 def _dlmi_config(tmp_path: Path, model_dir: Path, num_steps: int, checkpoint_every: int = 4) -> Path:
     import json as _json
 
-    from lit_inversion.dlmi.algorithm import greedy_decode
+    from lit_inversion.dlmi.batch import greedy_decode
     from lit_inversion.models import load_model
 
     loaded = load_model(str(model_dir))
@@ -143,9 +148,10 @@ model:
     model_name_or_path: {model_dir}
     prompt_length: 3
     num_steps: {num_steps}
-    check_every: 4
     checkpoint_every: {checkpoint_every}
-    compute_dtype: float32
+    method:
+      class_path: lit_inversion.dlmi.DlmiConfig
+      init_args: {{check_every: 4, compute_dtype: float32}}
 data:
   class_path: lit_inversion.dlmi.OutputTargetsDataModule
   init_args: {{targets_file: {tmp_path}/targets.jsonl, batch_size: 2}}
@@ -187,8 +193,8 @@ def test_dlmi_resume_after_sigkill_continues_the_targets_in_flight(tmp_path, tin
     # Targets long enough (160 steps) that a kill right after the first mid-target checkpoint lands mid-target.
     config = _dlmi_config(tmp_path, tiny_llama_dir, num_steps=160, checkpoint_every=2)
     # The relaxed (Adam) phase only, so the optimiser state has to survive the kill.
-    command = cli_command() + ["fit", "--config", str(config), "--ckpt_path", "last", "--model.check_every", "1000",
-                               "--model.refine_fraction", "0.0"]
+    command = cli_command() + ["fit", "--config", str(config), "--ckpt_path", "last", "--model.method.check_every", "1000",
+                               "--model.method.refine_fraction", "0.0"]
     ckpt = tmp_path / "ckpt" / "last.ckpt"
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
     deadline = time.time() + 240
@@ -245,8 +251,8 @@ def test_dlmi_killed_at_random_points_gives_the_uninterrupted_results(tmp_path, 
         directory.mkdir()
         config = _dlmi_config(directory, tiny_llama_dir, num_steps=60, checkpoint_every=2)
         # Half relaxed (Adam state and noise must survive a kill), half swap search (its state too).
-        command = cli_command() + ["fit", "--config", str(config), "--ckpt_path", "last", "--model.check_every", "1000",
-                                   "--model.refine_fraction", "0.5"]
+        command = cli_command() + ["fit", "--config", str(config), "--ckpt_path", "last", "--model.method.check_every", "1000",
+                                   "--model.method.refine_fraction", "0.5"]
         if directory == killed:
             rng = random.Random(7)
             ckpt = directory / "ckpt" / "last.ckpt"
@@ -275,46 +281,48 @@ def test_dlmi_killed_at_random_points_gives_the_uninterrupted_results(tmp_path, 
     assert outputs[killed] == outputs[reference]
 
 
-def _other_value(name: str, default):
-    """A CLI value for a config field that differs from its default (types only: nothing is built)."""
-    if isinstance(default, bool):
-        return str(not default).lower(), (not default)
-    if isinstance(default, int):
-        return str(default + 1), default + 1
-    if isinstance(default, float):
-        return str(default / 2 + 0.1), default / 2 + 0.1
-    if isinstance(default, tuple):
-        return '[".", "x"]', [".", "x"]
-    if default is None:  # the optional ones: gcg_batch_size and relax_topk (int), max_seconds (float), fill_token (str)
-        if name == "max_seconds":
-            return "2.5", 2.5
-        return ("3", 3) if name in ("gcg_batch_size", "relax_topk") else ("x", "x")
-    return "repeat" if name == "init" else "gcg" if name == "method" else "ce", None
-
-
-def test_every_dlmi_config_field_is_a_flat_cli_option(tmp_path, tiny_llama_dir, capsys, monkeypatch):
-    """`--model.X` sets each BaselineConfig field (the DlmiModule signature comes from the dataclass)."""
+def test_method_is_a_typed_config_on_the_cli(tmp_path, tiny_llama_dir, capsys, monkeypatch):
+    """`--model.method GcgConfig --model.method.<field>` picks the method's config and sets its fields;
+    the stable shortcuts set the method's own fields; another method's option is refused by name."""
     import sys
 
     import yaml
 
     monkeypatch.setattr(sys, "argv", ["lit-inversion"])  # pytest's own arguments are not the CLI's
-
     from lit_inversion.cli import main
-    from lit_inversion.dlmi.baselines import BaselineConfig
+    from lit_inversion.dlmi import DlmiModule, GcgConfig
 
     config = _dlmi_config(tmp_path, tiny_llama_dir, num_steps=8)
-    args, expected = [], {}
-    for f in fields(BaselineConfig):
-        text, value = _other_value(f.name, getattr(BaselineConfig(), f.name))
-        args += [f"--model.{f.name}", text]
-        expected[f.name] = text if value is None else value
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), *args, "--print_config"])
+        main(["fit", "--config", str(config), "--model.method", "GcgConfig", "--model.method.search_width", "8",
+              "--model.method.fill_token", "x", "--print_config"])
     assert exit_info.value.code in (0, None)
-    printed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
-    for name, value in expected.items():
-        assert printed[name] == value, name
+    method = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["method"]
+    assert method["class_path"].endswith("GcgConfig")
+    assert method["init_args"]["search_width"] == 8 and method["init_args"]["fill_token"] == "x"
+    assert "refine_candidates" not in method["init_args"]  # no DLMI-only fields on GCG
+    assert method["init_args"]["check_every"] == 4  # shared options the config set carry over to the new method
+
+    module = DlmiModule(method=GcgConfig(search_width=8), prompt_length=5, num_steps=7)
+    assert module.config == GcgConfig(search_width=8, prompt_length=5, num_steps=7)
+    assert module.hparams.method == GcgConfig(search_width=8)
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--model.method", "GcgConfig", "--model.method.refine_topk", "3"])
+    assert exit_info.value.code == 2
+    assert "refine_topk" in capsys.readouterr().err
+
+
+def test_method_help_shows_each_fields_docstring(capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["lit-inversion"])
+    from lit_inversion.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--model", "lit_inversion.dlmi.DlmiModule", "--model.method.help", "GcgConfig"])
+    out = capsys.readouterr().out
+    assert "--method.search_width" in out and "Candidate prompts scored per step" in out
 
 
 @pytest.mark.slow

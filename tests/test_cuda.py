@@ -105,7 +105,7 @@ def test_difficulty_targets_on_cuda(cuda_llama):
 
 @pytest.mark.parametrize("first, second", [("cuda", "cpu"), ("cpu", "cuda")])
 def test_generator_state_resumes_across_devices(tiny_llama_dir, first, second):
-    from lit_inversion.dlmi.baselines import make_batch
+    from lit_inversion.dlmi import make_batch
     from lit_inversion.models import load_model
 
     config = _config("dlmi")

@@ -12,22 +12,22 @@ import random
 import pytest
 import torch
 
-from lit_inversion.dlmi.baselines import make_batch, method_config
+from lit_inversion.dlmi import DlmiConfig, make_batch, method_config
 from lit_inversion.dlmi.batch import check_batches
 from lit_inversion.dlmi.pool import TargetPool
 from lit_inversion.dlmi.data import OutputTarget
 from tests.device_guard import RequireDevice
 
 TARGET = [5, 9, 7, 11]
-ONE_STEP = {"prompt_length": 3, "num_steps": 2, "check_every": 1, "gumbel_samples": 2}
+ONE_STEP = {"prompt_length": 3, "num_steps": 2, "check_every": 1}
 METHOD_OPTIONS = {
-    "dlmi": dict(refine_candidates=4, refine_topk=8),
-    "dlmi-relaxed": dict(refine_fraction=0.5, refine_candidates=4, refine_topk=8),
-    "paper": dict(),
-    "gbda": dict(),
-    "reinforce": dict(),
+    "dlmi": dict(refine_candidates=4, refine_topk=8, gumbel_samples=2),
+    "dlmi-relaxed": dict(refine_fraction=0.5, refine_candidates=4, refine_topk=8, gumbel_samples=2),
+    "paper": dict(gumbel_samples=2),
+    "gbda": dict(gumbel_samples=2),
+    "reinforce": dict(samples=2),
     "gcg": dict(search_width=4, topk=8),
-    "dlmi-repeat": dict(init="repeat", refine_candidates=4, refine_topk=8),
+    "dlmi-repeat": dict(init="repeat", refine_candidates=4, refine_topk=8, gumbel_samples=2),
 }
 
 
@@ -36,7 +36,7 @@ def _config(name: str):
     if method == "paper":
         from lit_inversion.dlmi import DlmiConfig
 
-        return DlmiConfig.paper(**ONE_STEP)
+        return DlmiConfig.paper(**ONE_STEP, **METHOD_OPTIONS[name])
     return method_config(method, **ONE_STEP, **METHOD_OPTIONS[name])
 
 
@@ -111,7 +111,8 @@ def test_the_lightning_jobs_name_their_devices(tmp_path, tiny_llama_dir, method)
     else:
         (tmp_path / "targets.jsonl").write_text('{"id": "a", "ids": [5, 9, 7]}\n{"id": "b", "ids": [9, 11]}\n')
         module = DlmiModule(str(tiny_llama_dir), results_path=str(tmp_path / "results.jsonl"), checkpoint_every=2,
-                            prompt_length=3, num_steps=4, check_every=2, refine_candidates=4, refine_topk=8)
+                            prompt_length=3, num_steps=4,
+                            method=DlmiConfig(check_every=2, refine_candidates=4, refine_topk=8))
         data = OutputTargetsDataModule(targets_file=str(tmp_path / "targets.jsonl"), batch_size=2)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,

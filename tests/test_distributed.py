@@ -198,7 +198,9 @@ def test_two_nodes_on_localhost_invert_a_states_file_and_resume_after_a_node_is_
     config = _job_config(tmp_path, f"""
 model:
   class_path: lit_inversion.sipit.SipItModule
-  init_args: {{model_name_or_path: {tiny_llama_dir}, policy: random, batch_size: 1}}
+  init_args:
+    model_name_or_path: {tiny_llama_dir}
+    method: {{class_path: lit_inversion.sipit.SipItConfig, init_args: {{policy: random, batch_size: 1}}}}
 data:
   class_path: lit_inversion.sipit.HiddenStatesDataModule
   init_args: {{layer: 4, states_file: {states}}}

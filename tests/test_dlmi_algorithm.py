@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from lit_inversion.dlmi.algorithm import DlmiBatch, DlmiConfig, greedy_decode, repeat_prompt
+from lit_inversion.dlmi import DlmiBatch, DlmiConfig, greedy_decode
+from lit_inversion.dlmi.batch import repeat_prompt
 from lit_inversion.dlmi.pool import invert_outputs
 from tests.conftest import step_to_end as run_batch
 from lit_inversion.dlmi.targets import make_difficulty_targets, perplexity, read_jsonl, write_jsonl

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lit_inversion.checkpointing import LastCheckpoint
-from lit_inversion.dlmi import DlmiModule, OutputTargetsDataModule
-from lit_inversion.dlmi.algorithm import greedy_decode
+from lit_inversion.dlmi import DlmiConfig, DlmiModule, OutputTargetsDataModule
+from lit_inversion.dlmi.batch import greedy_decode
 from lit_inversion.dlmi.data import max_pool_steps
 from lit_inversion.results import read_results
 
@@ -45,9 +45,9 @@ def _targets(tmp_path: Path, loaded) -> Path:
 def _fit(directory: Path, model_dir: Path, targets: Path, ckpt_path: str | None = None, max_steps: int = -1,
          **options) -> tuple[L.Trainer, Timeline]:
     timeline = Timeline()
+    method = DlmiConfig(check_every=2, compute_dtype="float32", max_prompt_target_lcs=1.0, **options)
     module = DlmiModule(str(model_dir), results_path=str(directory / "results.jsonl"), checkpoint_every=3,
-                        prompt_length=3, num_steps=NUM_STEPS, check_every=2, compute_dtype="float32",
-                        max_prompt_target_lcs=1.0, **options)
+                        prompt_length=3, num_steps=NUM_STEPS, method=method)
     data = OutputTargetsDataModule(targets_file=str(targets), batch_size=2)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, max_steps=max_steps, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lit_inversion.dlmi import relax
-from lit_inversion.dlmi.algorithm import DlmiBatch, DlmiConfig
+from lit_inversion.dlmi import DlmiBatch, DlmiConfig
 from lit_inversion.models import LoadedModel
 
 BIG_VOCAB = 262_144

@@ -81,7 +81,7 @@ def test_the_capture_dtype_verifier_is_a_cast_copy_not_a_float32_one(tiny_llama)
 
 
 def test_generator_states_from_another_device_kind_resume_deterministically(tiny_llama):
-    from lit_inversion.dlmi.baselines import make_batch, method_config
+    from lit_inversion.dlmi import make_batch, method_config
 
     config = method_config("dlmi", prompt_length=3, num_steps=4, refine_candidates=4, refine_topk=8)
     batch = make_batch(tiny_llama, [[5, 9, 7]], config)

@@ -33,7 +33,7 @@ def test_sipit_recovers_a_prompt_exactly_at_a_middle_layer(smollm2):
 
 def test_dlmi_finds_a_prompt_for_a_short_easy_target(smollm2):
     from lit_inversion import invert_output
-    from lit_inversion.dlmi.algorithm import greedy_decode
+    from lit_inversion.dlmi.batch import greedy_decode
     from lit_inversion.tokens import encode
 
     import torch

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from lit_inversion.dlmi.algorithm import DlmiResult
-from lit_inversion.dlmi.baselines import method_config
+from lit_inversion.dlmi.batch import DlmiResult
+from lit_inversion.dlmi.config import OutputConfig, method_config
 from lit_inversion.dlmi.pool import invert_outputs
 from lit_inversion.models import DEFAULT_MODEL, LoadedModel, load_model
 from lit_inversion.tokens import encode
@@ -14,13 +14,14 @@ def invert_output(
     model: str | LoadedModel = DEFAULT_MODEL,
     prompt_length: int = 20,
     num_steps: int = 256,
-    method: str = "dlmi",
-    **config,
+    method: str | OutputConfig = "dlmi",
+    **options,
 ) -> DlmiResult | list[DlmiResult]:
     """Find a prompt whose greedy continuation is `target` (text or token ids; a list of them runs
-    in as many slots, each target with its own state). `method` is dlmi (default), gbda, reinforce or gcg; extra keyword
-    arguments set `BaselineConfig` fields (DlmiConfig's and the baselines' options)."""
-    settings = method_config(method, prompt_length=prompt_length, num_steps=num_steps, **config)
+    in as many slots, each target with its own state). `method` is a name (dlmi, the default; gbda, gcg,
+    reinforce) or a config (`DlmiConfig(...)`, `GcgConfig(...)`, ...); extra keyword arguments set the
+    method's options (an option the method lacks is an error that lists its options)."""
+    settings = method_config(method, prompt_length=prompt_length, num_steps=num_steps, **options)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     single = isinstance(target, str) or (isinstance(target, list) and all(isinstance(i, int) for i in target))
     targets = [target] if single else list(target)

@@ -11,7 +11,7 @@ early stop). The result is the best prompt any check saw.
 
 nanoGCG's extras: special and non-printable / non-ASCII tokens are never swapped in
 (`allow_non_ascii=False`), candidates that do not survive a decode -> encode round trip are dropped
-(`filter_ids`), and the scoring batch halves and retries on out-of-memory (`gcg_batch_size`).
+(`filter_ids`), and the scoring batch halves and retries on out-of-memory (`batch_size`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class GcgBatch(TargetBatch):
         c = self.config
         return search.SwapOptions(candidates=c.search_width, topk=c.topk, positions=0, n_replace=c.n_replace,
                                   rank="mean", window=0, accept="best", no_revisit=False, patience=0,
-                                  copy_limit=self.copy_limit, retokenize=c.filter_ids, chunk=c.gcg_batch_size)
+                                  copy_limit=self.copy_limit, retokenize=c.filter_ids, chunk=c.batch_size)
 
     @property
     def scoring_batch_size(self) -> int | None:

@@ -18,16 +18,13 @@ continues each one where it was; targets already in the results file are never r
 
 from __future__ import annotations
 
-import copy
-import inspect
 import math
-import typing
-from dataclasses import fields, replace
+from dataclasses import replace
 
 import torch
 
-from lit_inversion.dlmi.algorithm import DlmiResult
-from lit_inversion.dlmi.baselines import LABELS, BaselineConfig, method_config
+from lit_inversion.dlmi.batch import DlmiResult
+from lit_inversion.dlmi.config import CONFIGS, DlmiConfig, OutputConfig, method_config
 from lit_inversion.console import say
 from lit_inversion.dlmi.data import OutputTarget
 from lit_inversion.dlmi.pool import PoolStep, TargetPool
@@ -51,32 +48,34 @@ def dlmi_record(target_id: str, result: DlmiResult) -> dict:
 class DlmiModule(InversionJob):
     """Finds prompts whose greedy continuation is the target.
 
-    Every `BaselineConfig` field (DLMI's and the baselines' options, `method` included) is a keyword
-    option here and a flat `--model.<field>` CLI option: the signature is generated from the
-    dataclass (`_config_signature`), so no option list is copied by hand. Options left unset (None)
-    take the method's preset (`method_config`).
+    Args:
+        model_name_or_path: a Hugging Face model id or local directory, or smollm2-135m (the default model).
+        method: the method and its options: DlmiConfig (null: its defaults), GbdaConfig, GcgConfig or
+            ReinforceConfig (`--model.method.help GcgConfig` lists a method's options).
+        prompt_length: the prompt's length in tokens; sets `method.prompt_length` (null: the method's).
+        num_steps: optimisation steps per target; sets `method.num_steps` (null: the method's).
+        init: the start prompt (random, or repeat for DLMI's copy seed); sets `method.init` (null: the method's).
+        checkpoint_every: steps between `last.ckpt` saves.
+        results_path: the JSONL file each finished target's record is appended to.
+        dtype: the frozen model's dtype: auto (bfloat16 on a GPU, else float32), float32, bfloat16 or float16.
     """
 
     progress_unit = "steps"  # one training step is one optimisation step of every slot
 
-    def __init__(self, model_name_or_path: str = DEFAULT_MODEL, checkpoint_every: int = 32,
-                 results_path: str = "results/dlmi.jsonl", dtype: str = "auto", **options):
+    def __init__(self, model_name_or_path: str = DEFAULT_MODEL, method: OutputConfig | None = None,
+                 prompt_length: int | None = None, num_steps: int | None = None, init: str | None = None,
+                 checkpoint_every: int = 32, results_path: str = "results/dlmi.jsonl", dtype: str = "auto"):
         super().__init__(model_name_or_path, results_path, dtype)
+        self.save_hyperparameters()
         if dtype not in ("auto", *DTYPES):
             raise InversionError(f"dtype must be auto, {', '.join(DTYPES)} (got {dtype!r})")
-        unknown = set(options) - set(CONFIG_FIELDS)
-        if unknown:
-            raise InversionError(f"unknown DLMI option(s) {sorted(unknown)}: see lit_inversion.dlmi.BaselineConfig")
         if checkpoint_every < 1:
             raise InversionError(f"checkpoint_every must be at least 1 step (got {checkpoint_every})")
-        # Not save_hyperparameters(): it reads the (generated) signature's names from this frame's locals,
-        # where the config fields are not; this is what it stores.
-        self._set_hparams({"model_name_or_path": model_name_or_path, "checkpoint_every": checkpoint_every,
-                           "results_path": results_path, "dtype": dtype, **options})
-        self._hparams_initial = copy.deepcopy(self._hparams)
-        given = {name: value for name, value in options.items() if value is not None and name != "method"}
-        self.config = method_config(options.get("method") or "dlmi", **given)  # unset: the method's defaults
-        self.given = given
+        if method is not None and not isinstance(method, OutputConfig):
+            raise InversionError(f"method must be a method's config ({', '.join(c.__name__ for c in CONFIGS.values())}), "
+                                 f"got {method!r}: e.g. --model.method GcgConfig")
+        given = {"prompt_length": prompt_length, "num_steps": num_steps, "init": init}
+        self.config = method_config(method or DlmiConfig(), **{k: v for k, v in given.items() if v is not None})
         self.exact_match = ExactMatch()
         self.lcs = LCSRatio()
         self.optimisation_steps = 0
@@ -98,8 +97,8 @@ class DlmiModule(InversionJob):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        # DLMI's optimisation forwards follow the trainer's precision; the baselines stay float32 as published.
-        if "compute_dtype" not in self.given and self.config.method == "dlmi" and self.precision_dtype() != "float32":
+        # An "auto" compute dtype follows a mixed-precision trainer (the baselines default to float32, as published).
+        if self.config.compute_dtype == "auto" and self.precision_dtype() != "float32":
             self.config = replace(self.config, compute_dtype=self.precision_dtype())
 
     def on_train_start(self) -> None:
@@ -176,7 +175,7 @@ class DlmiModule(InversionJob):
             f"prompt={result.prompt_text!r} -> {result.output_text!r}")
 
     def summarize(self, records: list[dict]) -> str:
-        label = LABELS[self.config.method]
+        label = self.config.label
         if not records:
             return f"{label}: no targets"
         exact = sum(bool(r["exact_match"]) for r in records)
@@ -202,20 +201,3 @@ class DlmiModule(InversionJob):
         super().on_load_checkpoint(checkpoint)
         self.optimisation_steps = int(checkpoint.get("optimisation_steps", 0))
         self._saved_slots = checkpoint.get("dlmi_slots", {})
-
-
-CONFIG_FIELDS = {f.name: f for f in fields(BaselineConfig)}
-
-
-def _config_signature() -> inspect.Signature:
-    """DlmiModule's signature: its own arguments, then every BaselineConfig field as `X | None = None`
-    (the CLI parser reads this, so each field is a `--model.X` option)."""
-    hints = typing.get_type_hints(BaselineConfig)
-    own = list(inspect.signature(DlmiModule.__init__).parameters.values())[:-1]  # drop **options
-    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                               annotation=hints[name] | None)
-             for name in CONFIG_FIELDS]
-    return inspect.Signature(own + extra)
-
-
-DlmiModule.__init__.__signature__ = _config_signature()

@@ -22,10 +22,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lit_inversion.dlmi.algorithm import DlmiResult
-from lit_inversion.dlmi.baselines import make_batch, method_config
-from lit_inversion.dlmi.batch import TargetBatch, check_batches, validate_targets
+from lit_inversion.dlmi.algorithm import DlmiBatch
+from lit_inversion.dlmi.batch import DlmiResult, TargetBatch, check_batches, validate_targets
+from lit_inversion.dlmi.config import DlmiConfig, GcgConfig, OutputConfig, ReinforceConfig
 from lit_inversion.dlmi.data import OutputTarget
+from lit_inversion.dlmi.gcg import GcgBatch
+from lit_inversion.dlmi.reinforce import ReinforceBatch
+
+BATCHES: dict[type[OutputConfig], type[TargetBatch]] = {
+    DlmiConfig: DlmiBatch, GcgConfig: GcgBatch, ReinforceConfig: ReinforceBatch}  # GbdaConfig is a DlmiConfig
+
+
+def make_batch(loaded, targets: Sequence[Sequence[int]], config: OutputConfig,
+               keys: Sequence[object] | None = None) -> TargetBatch:
+    """The batch of `config`'s method for `targets`."""
+    for kind, batch in BATCHES.items():
+        if isinstance(config, kind):
+            return batch(loaded, targets, config, keys)
+    raise TypeError(f"no batch for {type(config).__name__}: use one of {', '.join(k.__name__ for k in BATCHES)}")
 
 
 @dataclass
@@ -55,7 +69,7 @@ class PoolStep:
 class TargetPool:
     """`slots` target slots fed from a FIFO queue; one `step()` is one optimisation step of each."""
 
-    def __init__(self, loaded, config, slots: int):
+    def __init__(self, loaded, config: OutputConfig, slots: int):
         self.loaded, self.config = loaded, config
         self.slots: list[Slot | None] = [None] * slots
         self.queue: deque[OutputTarget] = deque()
@@ -133,7 +147,7 @@ class TargetPool:
             self.enqueue(queued)
 
 
-def run_pool(loaded, targets: Iterable[OutputTarget], config, slots: int,
+def run_pool(loaded, targets: Iterable[OutputTarget], config: OutputConfig, slots: int,
              on_step: Callable[[PoolStep], None] | None = None) -> list[tuple[str, DlmiResult]]:
     """The DLMI job's step loop without Lightning: step a pool until every target has left it;
     (id, result) in the order the targets finished. `on_step` sees each step's `PoolStep`."""
@@ -148,7 +162,7 @@ def run_pool(loaded, targets: Iterable[OutputTarget], config, slots: int,
     return finished
 
 
-def invert_outputs(loaded, targets: Sequence[Sequence[int]], config=None, batch_size: int | None = None,
+def invert_outputs(loaded, targets: Sequence[Sequence[int]], config: OutputConfig | None = None, batch_size: int | None = None,
                    keys: Sequence[object] | None = None,
                    on_step: Callable[[PoolStep], None] | None = None) -> list[DlmiResult]:
     """Find, for each target, a prompt whose greedy continuation reproduces it, with `config.method`
@@ -157,7 +171,7 @@ def invert_outputs(loaded, targets: Sequence[Sequence[int]], config=None, batch_
 
     A target's noise is seeded from the run seed and its key (default: its ids), so it follows the
     same path whatever else is run beside it."""
-    config = config or method_config("dlmi")
+    config = config or DlmiConfig()
     validate_targets(loaded, targets, config)
     names: list[str] = []
     for i, ids in enumerate(targets):

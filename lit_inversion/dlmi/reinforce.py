@@ -1,6 +1,6 @@
 """REINFORCE baseline: the score-function gradient over discrete prompts sampled from softmax(Z).
 
-Per step and target, S = `gumbel_samples` prompts are drawn from the per-position distributions
+Per step and target, S = `samples` prompts are drawn from the per-position distributions
 softmax(Z) (from the target's own generator); their reward is minus the teacher-forced mean
 cross-entropy of the target, all S x targets prompts scored in one forward. The gradient of
 -(r - b) * log p(prompt) moves Z, with Adam, where b is an EMA of the mean reward
@@ -46,7 +46,7 @@ class ReinforceBatch(TargetBatch):
 
     def _reinforce_step(self, idx: torch.Tensor) -> torch.Tensor:
         c = self.config
-        A, S, N = len(idx), c.gumbel_samples, c.prompt_length
+        A, S, N = len(idx), c.samples, c.prompt_length
         logits = self.logits[idx]  # [A, N, V]
         probs = torch.softmax(logits.detach().float(), -1)
         samples = torch.stack([torch.multinomial(probs[a], S, replacement=True, generator=self.generators[b]).T

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 
@@ -23,28 +23,29 @@ def invert_hidden_states(
     layer: int = 15,
     prepend_bos: bool = True,
     true_ids: list[int] | None = None,
-    method: str = "sipit",
+    method: str | SipItConfig | PezConfig = "sipit",
     capture_dtype: str = "float32",
-    **config,
+    **options,
 ) -> SipItResult:
     """Recover the prompt whose hidden states at `layer` are `states` ([T, d]).
 
     `states` follow the project's conventions (see `lit_inversion.states`): Hugging Face layer
     indexing, pre-final-norm at the last layer, prompt positions only (no BOS row). Extra keyword
-    arguments set `SipItConfig` fields (policy, batch_size, rtol, ...). The result carries
+    arguments set the method's fields (SipItConfig's policy, batch_size, rtol, ...). The result carries
     `recovered_ids`, `recovered_text`, per-position distances, flags and candidate counts.
-    `method="pez"` runs the HardPrompts baseline instead; its options are `PezConfig` fields.
+    `method` is sipit (default), pez (the HardPrompts baseline, `PezConfig`) or a config object.
     `capture_dtype` (float32, bfloat16, float16) is the dtype the model ran in when `states` were
     computed: low-precision captures are verified in that dtype, with a calibrated tolerance and margin.
     """
-    if method not in ("sipit", "pez"):
-        raise InversionError(f"method must be sipit or pez (got {method!r})")
+    configs = {"sipit": SipItConfig, "pez": PezConfig}
+    if not isinstance(method, (SipItConfig, PezConfig)) and method not in configs:
+        raise InversionError(f"method must be sipit or pez, or a SipItConfig or PezConfig (got {method!r})")
     check_capture_dtype(capture_dtype)
-    options = SipItConfig if method == "sipit" else PezConfig
-    unknown = set(config) - {f.name for f in fields(options)}
+    base = method if isinstance(method, (SipItConfig, PezConfig)) else configs[method]()
+    unknown = set(options) - {f.name for f in fields(base)}
     if unknown:
-        raise InversionError(f"unknown {method} option(s) {sorted(unknown)}: "
-                             f"see lit_inversion.sipit.{options.__name__}")
+        raise InversionError(f"unknown {base.name} option(s) {sorted(unknown)}: "
+                             f"see lit_inversion.sipit.{type(base).__name__}")
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     states = torch.as_tensor(states, device="cpu") if not isinstance(states, torch.Tensor) else states
     if states.dim() == 3 and states.shape[0] == 1:
@@ -55,10 +56,10 @@ def invert_hidden_states(
         raise InversionError(f"states have hidden size {states.shape[-1]} but the model's is {loaded.hidden_size}")
     if not bool(torch.isfinite(states).all()):
         raise InversionError("states contain NaN or inf: remove or recapture them")
-    cfg = options(**config)
+    cfg = replace(base, **options)
     prefix = context_prefix(loaded.bos_id, prepend_bos)
     with LayerProbe(loaded, layer) as probe:
-        if method == "pez":
+        if isinstance(cfg, PezConfig):
             result = invert_pez(probe, states, prefix, cfg, true_ids=true_ids)
         else:
             index = _token_index(probe, prefix, cfg)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
 
 from lit_inversion.errors import InversionError
 
@@ -14,49 +17,78 @@ CAPTURE_RTOL = {"bfloat16": 0.06, "float16": 0.01}
 
 
 @dataclass
-class SipItConfig:
-    """SIP-It settings (the defaults give exact recovery in float32)."""
+class StatesConfig:
+    """What both hidden states -> prompt methods share: the verifier's tolerance and the seed."""
 
-    policy: str = "gradient"  # "gradient" (guided) or "random" (brute force)
-    batch_size: int = 64  # candidates in the first batched forward at a position
-    max_batch_size: int = 256  # later batches double up to this (or batch_size, if larger)
-    rtol: float = 1e-4  # verifier tolerance relative to ||target|| (float32 captures)
+    name: ClassVar[str] = "states"
+    label: ClassVar[str] = "hidden states inversion"
+
+    rtol: float = 1e-4
+    """A token is accepted when its state is within atol + rtol * ||target|| (float32 captures)."""
     atol: float = 1e-4
-    max_candidates: int | None = None  # per position; None = the whole vocabulary (exactness guarantee)
-    chains: int = 16  # parallel gradient chains of the guided policy
-    learning_rate: float = 1.0
-    chain_dtype: str = "auto"  # the chains' forward/backward dtype (ranking only); auto as screen_dtype
-    # Dtype of the batched screening forward (auto = bfloat16 where the hardware computes it fast).
-    # Candidates screened within tolerance + screen_slack * ||target|| are re-run in float32, and only a
-    # float32 distance accepts. Off by default: bf16 states of the default model are usually within ~1%
-    # of the norm, but one measured token was off by 7%, and a missed token costs a whole-vocabulary pass.
-    screen_dtype: str = "float32"
-    screen_slack: float = 0.25
-    snap_every: int = 50  # re-seed chains on the best verified tokens every N steps
-    surrogate_rank: int = 128  # every other batch from a ridge fit on the verified states (0 = chains only)
-    surrogate_locality: float = 1.0  # how much more verified tokens near the target weigh in that fit
-    use_table: bool = True  # rank with a cached table of every token's state after the fixed prefix
-    # A linear map from the layer's state to the token's embedding, fit for ranking once per model and layer
-    # on random contexts and cached (sipit/token_map.py): it ranks deep-layer positions the table no longer
-    # does; `map_share` of every batch after the first while its top-`map_top` list lasts.
-    token_map: bool = True
-    map_share: float = 0.25
-    map_top: int = 4096
-    # The LM's own next-token distribution given the recovered prefix ranks candidates too: half of the
-    # first batch at a position, `prior_share` of later ones, while its top-`prior_mass` nucleus lasts.
-    lm_prior: bool = True
-    prior_share: float = 0.25
-    prior_mass: float = 0.999
-    # Low-precision captures (capture_dtype bfloat16/float16): accept the nearest tested token when it is
-    # within capture_rtol * ||target|| (null: calibrated per dtype) and at most `margin` times as far as
-    # the nearest other tested token.
-    capture_rtol: float | None = None
-    margin: float = 0.5
-    # Where low-precision captures are verified: "capture" = on the model cast to the capture dtype (the
-    # closest match to a serving stack's states), "float32" = on the float32 model (faster on CPUs
-    # without bf16/fp16 units; its states are about as close to the capture, 0.5-2% of ||h||).
-    verify_in: str = "capture"
+    """The tolerance's absolute part."""
     seed: int = 0
+    """Seed of the policy's (or PEZ's) random draws."""
+
+
+@dataclass
+class SipItConfig(StatesConfig):
+    """SIP-It (Nikolaou et al., 2025): position by position, a gradient-guided policy proposes
+    candidate tokens until the verifier accepts one. The defaults give exact recovery in float32."""
+
+    name: ClassVar[str] = "sipit"
+    label: ClassVar[str] = "SIP-It"
+
+    policy: str = "gradient"
+    """gradient (guided) or random (brute force)."""
+    batch_size: int = 64
+    """Candidates in the first batched forward at a position."""
+    max_batch_size: int = 256
+    """Later batches double up to this (or batch_size, if larger)."""
+    max_candidates: int | None = None
+    """Candidates per position before giving up; null: the whole vocabulary (the exactness guarantee)."""
+    chains: int = 16
+    """Parallel gradient chains of the guided policy."""
+    learning_rate: float = 1.0
+    """The chains' step size."""
+    chain_dtype: str = "auto"
+    """The chains' forward/backward dtype (ranking only); auto: a mixed-precision trainer's, else as screen_dtype."""
+    screen_dtype: str = "float32"
+    """Dtype of the batched screening forward (auto: bfloat16 where the hardware computes it fast).
+    Candidates screened within tolerance + screen_slack * ||target|| are re-run in float32, and only a
+    float32 distance accepts. float32 by default: bf16 states are usually within ~1% of the norm, but
+    one measured token was off by 7%, and a missed token costs a whole-vocabulary pass."""
+    screen_slack: float = 0.25
+    """How far past the tolerance a low-precision screen still sends a candidate to the float32 check."""
+    snap_every: int = 50
+    """Re-seed the chains on the best verified tokens every N steps."""
+    surrogate_rank: int = 128
+    """Every other batch comes from a ridge fit on the verified states (0: chains only)."""
+    surrogate_locality: float = 1.0
+    """How much more verified tokens near the target weigh in that fit."""
+    use_table: bool = True
+    """Rank with a cached table of every token's state after the fixed prefix."""
+    token_map: bool = True
+    """A linear map from the layer's state to the token's embedding, fit once per model and layer and
+    cached: it ranks deep-layer positions the table no longer does."""
+    map_share: float = 0.25
+    """Share of every batch after the first that the token map proposes, while its top list lasts."""
+    map_top: int = 4096
+    """Length of the token map's list per position."""
+    lm_prior: bool = True
+    """The LM's own next-token distribution given the recovered prefix ranks candidates too."""
+    prior_share: float = 0.25
+    """Share of later batches from the LM prior (half of the first), while its nucleus lasts."""
+    prior_mass: float = 0.999
+    """The LM prior's nucleus: its top tokens up to this probability mass."""
+    capture_rtol: float | None = None
+    """Low-precision captures: accept the nearest tested token within capture_rtol * ||target|| (null:
+    calibrated per dtype) ..."""
+    margin: float = 0.5
+    """... and at most this times as far as the nearest other tested token."""
+    verify_in: str = "capture"
+    """Where low-precision captures are verified: capture (the model cast to the capture dtype) or
+    float32 (faster on CPUs without bf16/fp16 units; about as close to the capture)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -89,8 +121,14 @@ class SipItConfig:
             raise InversionError("; ".join(problems))
 
 
+# `--ckpt_path last` loads the module's hyperparameters (the method's config among them) with torch's
+# safe unpickler, which needs the class named.
+torch.serialization.add_safe_globals([SipItConfig])
+
+
 def check_capture_dtype(name: str) -> str:
     if name not in CAPTURE_DTYPES:
         raise InversionError(f"capture_dtype '{name}' is unknown: use {', '.join(CAPTURE_DTYPES)} "
                              "(the dtype the model ran in when the states were captured)")
     return name
+

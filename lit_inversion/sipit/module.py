@@ -1,14 +1,14 @@
 """SIP-It as a Lightning job: one training step inverts one target and appends its record.
 
-`method: pez` runs the HardPrompts (PEZ) baseline instead, on the same targets and record fields;
-brute force is `policy: random`.
+`method: PezConfig` runs the HardPrompts (PEZ) baseline instead, on the same targets and record
+fields; brute force is SipItConfig's `policy: random`.
 """
 
 from __future__ import annotations
 
 import time
 
-from dataclasses import fields, replace
+from dataclasses import replace
 
 import torch
 
@@ -17,16 +17,14 @@ from lit_inversion.errors import InversionError
 from lit_inversion.metrics import ExactMatch, TokenAccuracy
 from lit_inversion.job import InversionJob
 from lit_inversion.models import DEFAULT_MODEL
-from lit_inversion.sipit.algorithm import SipItConfig, SipItResult, capture_probe, invert
+from lit_inversion.sipit.algorithm import SipItResult, capture_probe, invert
+from lit_inversion.sipit.config import SipItConfig, StatesConfig
 from lit_inversion.sipit.data import StateTarget
 from lit_inversion.sipit.pez import PezConfig, invert_pez
 from lit_inversion.sipit.index import TokenIndex, build_index
 from lit_inversion.states import LayerProbe
 from lit_inversion.tokens import context_prefix, decode
 from lit_inversion.tracking import log_scalars, log_text, markdown_table
-
-
-METHODS = {"sipit": "SIP-It", "pez": "PEZ"}
 
 
 def sipit_record(target_id: str, result: SipItResult, tokenizer, layer: int) -> dict:
@@ -50,62 +48,30 @@ def sipit_record(target_id: str, result: SipItResult, tokenizer, layer: int) -> 
 class SipItModule(InversionJob):
     """Inverts hidden states to prompts. The frozen LM is not a submodule: checkpoints stay small.
 
-    `method`: sipit (default) or pez. PEZ reads learning_rate (unset: 0.1), weight_decay, num_steps,
-    budget_scale (steps = budget_scale * T * |V| when num_steps is unset), rtol, atol and seed.
+    Args:
+        model_name_or_path: a Hugging Face model id or local directory, or smollm2-135m (the default model).
+        method: the method and its options: SipItConfig (null: its defaults; `policy: random` is brute
+            force) or PezConfig (`--model.method.help SipItConfig` lists a method's options).
+        prepend_bos: the states were captured after [BOS]; false for states captured without it (the
+            targets this job captures follow it too).
+        results_path: the JSONL file each finished target's record is appended to.
+        dtype: the frozen model's dtype: auto or float32 (exact verification needs float32).
     """
 
     progress_unit = "targets"
 
-    def __init__(
-        self,
-        model_name_or_path: str = DEFAULT_MODEL,
-        policy: str = "gradient",
-        batch_size: int = 64,
-        max_batch_size: int = 256,
-        rtol: float = 1e-4,
-        atol: float = 1e-4,
-        max_candidates: int | None = None,
-        chains: int = 16,
-        learning_rate: float | None = None,
-        snap_every: int = 50,
-        chain_dtype: str | None = None,
-        screen_dtype: str = "float32",
-        screen_slack: float = 0.25,
-        surrogate_rank: int = 128,
-        surrogate_locality: float = 1.0,
-        use_table: bool = True,
-        token_map: bool = True,
-        map_share: float = 0.25,
-        map_top: int = 4096,
-        lm_prior: bool = True,
-        prior_share: float = 0.25,
-        prior_mass: float = 0.999,
-        capture_rtol: float | None = None,
-        margin: float = 0.5,
-        verify_in: str = "capture",
-        prepend_bos: bool = True,
-        seed: int = 0,
-        method: str = "sipit",
-        dtype: str = "auto",
-        num_steps: int | None = None,
-        budget_scale: float = 1.0,
-        weight_decay: float = 0.1,
-        results_path: str = "results/sipit.jsonl",
-    ):
+    def __init__(self, model_name_or_path: str = DEFAULT_MODEL, method: StatesConfig | None = None,
+                 prepend_bos: bool = True, results_path: str = "results/sipit.jsonl", dtype: str = "auto"):
         super().__init__(model_name_or_path, results_path, dtype)
         self.save_hyperparameters()
         if dtype not in ("auto", "float32"):
             raise InversionError(f"--model.dtype {dtype}: SIP-It loads the model in float32, which exact "
                                  "verification needs; bf16/fp16 captures are verified on a copy cast for them "
                                  "(set --data.capture_dtype), so use auto or float32")
-        if method not in METHODS:
-            raise InversionError(f"method must be one of {', '.join(METHODS)} (got {method!r}): "
-                                 "sipit for SIP-It (policy: random for brute force), pez for HardPrompts")
-        given = {f.name: self.hparams[f.name] for f in fields(SipItConfig) if self.hparams.get(f.name) is not None}
-        given["max_candidates"] = self.hparams.max_candidates
-        self.config = SipItConfig(**given)
-        pez = {f.name: self.hparams[f.name] for f in fields(PezConfig) if self.hparams.get(f.name) is not None}
-        self.pez_config = PezConfig(**pez) if method == "pez" else None
+        if method is not None and not isinstance(method, (SipItConfig, PezConfig)):
+            raise InversionError(f"method must be SipItConfig (SIP-It; policy: random for brute force) or "
+                                 f"PezConfig (HardPrompts), got {method!r}: e.g. --model.method PezConfig")
+        self.config = method or SipItConfig()
         self.exact_match = ExactMatch()
         self.token_accuracy = TokenAccuracy()
         self._probes: dict[int, LayerProbe] = {}
@@ -127,8 +93,8 @@ class SipItModule(InversionJob):
         if target is None:  # a padding slot: this rank's shard is one shorter
             return
         probe = self.probe(target.layer)
-        if self.pez_config is not None:
-            result = invert_pez(probe, target.states.to(probe.device), self.prefix(), self.pez_config,
+        if isinstance(self.config, PezConfig):
+            result = invert_pez(probe, target.states.to(probe.device), self.prefix(), self.config,
                                 true_ids=target.true_ids)
         else:
             if target.layer not in self._indexes:  # the policies' index of the layer's table, built once
@@ -180,7 +146,7 @@ class SipItModule(InversionJob):
         scored = [r for r in records if r["true_ids"] is not None]
         tokens = sum(len(r["recovered_ids"]) for r in records)
         seconds = sum(r["seconds"] for r in records)
-        line = f"{METHODS[self.hparams.method]}: {len(records)} targets, {seconds / max(1, tokens):.2f} s/token"
+        line = f"{self.config.label}: {len(records)} targets, {seconds / max(1, tokens):.2f} s/token"
         if scored:
             exact = sum(bool(r["exact_match"]) for r in scored)
             accuracy = sum(r["token_accuracy"] for r in scored) / len(scored)
@@ -209,19 +175,19 @@ class SipItModule(InversionJob):
     def run_settings(self) -> dict:
         h = self.hparams
         data = self.trainer.datamodule.hparams
-        settings = {"model": h.model_name_or_path, "method": h.method, "layer": data.layer,
+        settings = {"model": h.model_name_or_path, "method": self.config.name, "layer": data.layer,
                     "prepend_bos": h.prepend_bos, "capture_dtype": data.get("capture_dtype", "float32")}
-        if h.method == "pez":
-            settings["num_steps"] = h.num_steps
+        if isinstance(self.config, PezConfig):
+            settings["num_steps"] = self.config.num_steps
         else:
-            settings.update(policy=h.policy, max_candidates=h.max_candidates)
+            settings.update(policy=self.config.policy, max_candidates=self.config.max_candidates)
         return settings
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if self.hparams.chain_dtype is None:  # the ranking chains follow a mixed-precision trainer
-            dtype = self.precision_dtype()
-            self.config = replace(self.config, chain_dtype="auto" if dtype == "float32" else dtype)
+        # "auto" ranking chains follow a mixed-precision trainer.
+        if isinstance(self.config, SipItConfig) and self.config.chain_dtype == "auto" and self.precision_dtype() != "float32":
+            self.config = replace(self.config, chain_dtype=self.precision_dtype())
 
     def teardown(self, stage: str) -> None:
         for probe in [*self._probes.values(), *self._capture_probes.values()]:

@@ -16,24 +16,33 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from lit_inversion.errors import InversionError
 from lit_inversion.precision import model_dtype_region
 from lit_inversion.sipit.algorithm import SipItResult
+from lit_inversion.sipit.config import StatesConfig
 from lit_inversion.states import LayerProbe
 
 
 @dataclass
-class PezConfig:
-    learning_rate: float = 0.1  # AdamW, as in PEZ
-    weight_decay: float = 0.1  # AdamW, as in PEZ
-    budget_scale: float = 1.0  # steps = ceil(budget_scale * T * |V|)
-    num_steps: int | None = None  # overrides the scaled budget
-    rtol: float = 1e-4  # early stop: every position within atol + rtol * ||target|| (the SIP-It verifier's rule)
-    atol: float = 1e-4
-    seed: int = 0
+class PezConfig(StatesConfig):
+    """HardPrompts (PEZ, Wen et al., 2023): the whole prompt at once, projected onto real tokens every
+    step; stops early when every position is within the SIP-It verifier's tolerance."""
+
+    name: ClassVar[str] = "pez"
+    label: ClassVar[str] = "PEZ"
+
+    learning_rate: float = 0.1
+    """AdamW's learning rate, as in PEZ."""
+    weight_decay: float = 0.1
+    """AdamW's weight decay, as in PEZ."""
+    budget_scale: float = 1.0
+    """Steps = ceil(budget_scale * T * |V|), the brute-force bound scaled."""
+    num_steps: int | None = None
+    """Steps outright (null: the scaled budget)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -55,6 +64,9 @@ class PezConfig:
         if self.num_steps is not None:
             return self.num_steps
         return max(1, math.ceil(self.budget_scale * length * vocab_size))
+
+
+torch.serialization.add_safe_globals([PezConfig])  # checkpoints hold it (see sipit/config.py)
 
 
 def nearest_tokens(vectors: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
