@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import hardware  # noqa: E402
+from benchmarks.common import hardware, run_record  # noqa: E402
 from benchmarks.sipit import fresh_prompts  # noqa: E402
 from lit_inversion.models import load_model  # noqa: E402
 from lit_inversion.sipit.algorithm import SipItConfig, capture_probe, invert  # noqa: E402
@@ -110,7 +110,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['dtype']} | {'model cast to it' if r['verify_in'] == 'capture' else 'float32 model'} | {r['layer']} | {r['exact']}/{r['prompts']} | {r['token_accuracy']:.1%} | "
               f"{r['verified']:.0%} | {r['certified']:.0%} | {r['s_per_token']:.2f} | {r['candidates']:.0f} |")
-    (out / f"captures-{args.verify_in}.json").write_text(json.dumps(dict(hardware=hardware(), model=args.model, rows=rows), indent=1))
+    (out / f"captures-{args.verify_in}.json").write_text(json.dumps(dict(hardware=hardware(), model=args.model, **run_record(), rows=rows), indent=1))
 
 
 if __name__ == "__main__":

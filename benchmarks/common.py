@@ -1,13 +1,21 @@
-"""What every benchmark script shares: the label of the hardware its times were measured on, and the timer."""
+"""What every benchmark script shares: the label of the hardware its times were measured on, the timer, and
+the record of the run (command, commit, date) that each JSON carries for benchmarks/report.py."""
 
 from __future__ import annotations
 
+import datetime
 import platform
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def hardware() -> str:
@@ -26,3 +34,27 @@ def median_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def command(argv: list[str] | None = None) -> str:
+    """The command that reproduces this run from the repository root: `python benchmarks/<script> <its arguments>`
+    (also when it was started as `python -m benchmarks.<script>`)."""
+    argv = sys.argv if argv is None else argv
+    return " ".join(["python", f"benchmarks/{Path(argv[0]).name}"] + ([shlex.join(argv[1:])] if argv[1:] else []))
+
+
+def commit() -> str | None:
+    """The checked-out commit (7-digit hash), with `-dirty` when tracked files differ from it; None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=ROOT, capture_output=True).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
+def run_record() -> dict:
+    """What every benchmark JSON records about its run, for the generated pages in docs/results/: the command
+    that reproduces it, the commit it ran at and the date."""
+    return {"command": command(), "commit": commit(), "date": datetime.datetime.now().isoformat(timespec="seconds")}

@@ -21,7 +21,6 @@ N and method, the first batch's mean temperature and phase at every step (`tau_t
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import statistics
@@ -33,7 +32,7 @@ import torch
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable for benchmarks.common
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import hardware, median_seconds
+from benchmarks.common import hardware, median_seconds, run_record
 
 from lit_inversion.dlmi.config import DlmiConfig
 from lit_inversion.dlmi.batch import greedy_decode
@@ -179,7 +178,7 @@ def run_step_cost(args, loaded) -> None:
             print(f"| {n} | {name} | {relaxation} | {cost['rows']} | {cost['forward_backward']:.3f} | "
                   f"{cost['step']:.3f} | {cost['ratio']:.2f}x | {share} | {cost['check']:.2f} |", flush=True)
             rows.append(dict(N=n, method=name, relaxation=relaxation, **cost))
-    (out / "step_cost.json").write_text(json.dumps({"hardware": hardware(), "model": args.model,
+    (out / "step_cost.json").write_text(json.dumps({"hardware": hardware(), "model": args.model, **run_record(),
                                                     "vocab_size": loaded.vocab_size, "M": len(target),
                                                     "rows": rows}, indent=1))
 
@@ -208,7 +207,8 @@ def run_throughput(args, loaded, targets: list[dict]) -> None:
                 rows.append(dict(N=n, method=name, batch_size=size, wall=wall, target_steps=steps, s_per_target_step=per))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "throughput.json").write_text(json.dumps({"hardware": hardware(), "model": args.model, "rows": rows}, indent=1))
+    (out / "throughput.json").write_text(json.dumps({"hardware": hardware(), "model": args.model, **run_record(),
+                                                     "rows": rows}, indent=1))
 
 
 def main() -> None:
@@ -269,7 +269,7 @@ def main() -> None:
         (out / "dlmi.json").write_text(json.dumps({"hardware": hardware(), "model": args.model, "steps": args.steps,
                                                    "batch_size": args.batch_size, "gcg_width": args.gcg_width,
                                                    "equal_time": args.equal_time, "targets": args.targets,
-                                                   "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                                                   **run_record(),
                                                    "rows": all_rows, "tau_traces": traces}, indent=1))
 
     for n in args.prompt_lengths:

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from benchmarks.common import run_record
 from lit_inversion.dlmi import DlmiBatch, DlmiConfig
 from lit_inversion.dlmi.pool import invert_outputs
 from lit_inversion.dlmi.targets import read_jsonl
@@ -99,7 +100,7 @@ def main() -> None:
         print(f"{rec['id']}: exact={res.exact_match} lcs={res.lcs_ratio:.2f} soft={res.soft_lcs_ratio:.2f} "
               f"steps={res.steps} prompt={res.prompt_text!r} output={res.output_text!r}")
     n = len(results)
-    summary = {"ids": args.ids, "paper": args.paper, "set": overrides,
+    summary = {**run_record(), "ids": args.ids, "paper": args.paper, "set": overrides,
                "lcs": sum(r.lcs_ratio for r in results) / n, "exact": sum(r.exact_match for r in results) / n,
                "soft": sum(r.soft_lcs_ratio for r in results) / n, "wall_s": wall,
                "s_per_step": wall / total_steps, "per_target": [round(r.lcs_ratio, 2) for r in results],

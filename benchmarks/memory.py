@@ -2,7 +2,7 @@
 and prompts are inverted, against the weights' own size, and each [V, d]-sized piece by formula so
 that the figure extrapolates to larger models.
 
-    python benchmarks/memory.py --layer 15 --prompts 2 --length 12 --out docs/sipit_memory.json
+    python benchmarks/memory.py --layer 15 --prompts 2 --length 12 --threads 2 --out docs/results/data/sipit_memory.json
 
 The index is built from the cached table and token map (built first, outside the measurement), as
 in every run after the first at a layer.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,9 @@ from pathlib import Path
 import psutil
 import torch
 
-from benchmarks.common import hardware
+if __package__ in (None, ""):  # run as a script: make the repo root importable for benchmarks.common
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import hardware, run_record
 from lit_inversion.models import DEFAULT_MODEL, load_model
 from lit_inversion.sipit.algorithm import SipItConfig, invert
 from lit_inversion.sipit.index import build_index
@@ -108,7 +111,7 @@ def main() -> None:
                 "peak_extra_bytes": memory.extra, "peak_over_weights": round((weights + memory.extra) / weights, 3),
                 "prompts": args.prompts, "length": args.length, "exact": exact,
                 "date": time.strftime("%Y-%m-%d")}
-    report = {"measured": measured,
+    report = {**run_record(), "measured": measured,
               "on_paper": [on_paper(loaded.vocab_size, loaded.hidden_size, weights),
                            on_paper(128256, 4096, 4 * 8_030_261_248)]}  # Llama-3-8B in float32
     print(f"{args.model} layer {args.layer} on {hardware()}: weights {weights / 2**20:.0f} MiB, SIP-It's peak "
@@ -118,6 +121,7 @@ def main() -> None:
         print(f"on paper |V| = {row['vocab']}, d = {row['hidden']}: extra {row['peak_extra_bytes'] / 2**30:.2f} GiB "
               f"over {row['weights_bytes'] / 2**30:.1f} GiB of weights ({row['peak_over_weights']}x)")
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -21,7 +21,7 @@ import torch
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable for benchmarks.common
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import hardware
+from benchmarks.common import hardware, run_record
 
 from lit_inversion.dlmi.config import DlmiConfig
 from lit_inversion.dlmi.pool import invert_outputs
@@ -104,7 +104,7 @@ def main() -> None:
             print(f"{method}: bf16 time / float32 time = {pair['bfloat16'][key] / pair['float32'][key]:.2f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "precision.json").write_text(json.dumps({"hardware": hardware(), "rows": rows}, indent=1))
+    (out / "precision.json").write_text(json.dumps({"hardware": hardware(), "model": args.model, **run_record(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,34 +1,40 @@
-"""The comparison report: report.md, PNG figures and TensorBoard figures from the benchmark JSON files.
+"""The benchmark pages in docs/results/: Markdown tables and PNG figures generated from the benchmark JSON.
 
-    python benchmarks/report.py --sipit runs/bench-sipit/sipit.json --dlmi runs/bench-dlmi/dlmi.json \\
-        --robustness docs/robustness.json --out docs/report
+    python benchmarks/report.py                      # docs/results/*.md and PNGs from docs/results/data/*.json
+    python benchmarks/report.py runs/bench-sipit/sipit.json runs/bench-dlmi/dlmi.json --out runs/pages
 
-Every input is optional; a section whose input is missing says so. Nothing is measured here: every
-number comes from the JSON files that benchmarks/sipit.py, dlmi.py and robustness.py write.
-- Table A / Figure A (SIP-It paper, Table 2 shape): SIP-It vs brute force vs HardPrompts (PEZ) per
-  layer: exact recovery, time per prompt (mean +- std), candidates per token. Brute force is timed on
-  sampled positions only, so its per-prompt time is extrapolated (and marked so). Pass several
-  sipit.json files (e.g. --length 10, 20, 50) to also plot time against prompt length.
-- Figure B / Table B: DLMI and the output-inversion baselines: honest LCS, exact match and seconds to
-  success against difficulty k, per prompt length N.
-- Figure C: DLMI's mean temperature over the steps (dlmi.json's `tau_traces`).
-- The robustness table and figure.
-Figures need matplotlib (`pip install lit-inversion[report]`); without it report.md has the tables only.
-Each figure is also logged to TensorBoard under OUT/tensorboard.
+Nothing is measured or typed in here: every number comes from the JSON files that benchmarks/sipit.py,
+dlmi.py, robustness.py, memory.py, capture.py and precision.py write (each file's kind is read from its
+shape), and every table's caption (or, in the index, every row) names the command, and the commit, that
+the JSON records for the run behind it. The output depends on the JSON alone (no clock, no file times,
+fixed order and number formats): `tests/test_report.py` checks that the committed pages are exactly what
+this script writes from the committed JSON, so a page edited by hand, or not regenerated, fails it.
+Pages, each written only when it has an input: index.md (every run), sipit.md (Table A / Figure A: SIP-It
+vs brute force vs HardPrompts; per-candidate costs; ranking ablation; reference loop; low-precision
+captures), dlmi.md (Table B / Figures B and C: DLMI and the output-inversion baselines; throughput; step
+cost), robustness.md, memory.md, precision.md.
+Figures need matplotlib (`pip install lit-inversion[report]`). Without it the pages are written all the
+same (they name their PNGs) and only the PNGs are not redrawn. Each figure is also logged to TensorBoard
+(--tensorboard).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import statistics
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Bar and line order, and how each method is named in the report.
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+NOT_SET = "not recorded"
+
+# Bar and line order, and how each method is named on the pages.
 METHOD_NAMES = {
     "paper": "DLMI (paper's method)",
     "dlmi": "DLMI (lit-inversion)",
@@ -41,31 +47,99 @@ METHOD_NAMES = {
 }
 # Methods with a temperature worth plotting: GCG is discrete (tau 0), REINFORCE samples softmax(Z) (tau 1).
 TAU_METHODS = ("paper", "dlmi", "dlmi-repeat", "gbda")
-NOT_SET = "not recorded"
+
+# page: (title, what it holds, the kinds of JSON on it)
+PAGES = {
+    "sipit.md": ("SIP-It: hidden states to prompt", "SIP-It vs brute force vs HardPrompts (PEZ), per-candidate "
+                 "costs, ranking ablation, low-precision captures", ("sipit", "capture")),
+    "dlmi.md": ("DLMI: output to prompt", "DLMI and the output-inversion baselines (GCG, GBDA, REINFORCE), "
+                "ablations, throughput, step cost", ("dlmi", "dlmi-throughput", "dlmi-step-cost")),
+    "robustness.md": ("SIP-It on noisy and rounded states", "token recovery against Gaussian noise and rounding",
+                      ("robustness",)),
+    "memory.md": ("SIP-It's memory", "peak memory beyond the weights, measured and on paper", ("memory",)),
+    "precision.md": ("bf16 against float32", "what bf16 costs or gains, both methods", ("precision",)),
+}
+WRITER = {"sipit": "sipit.py", "capture": "capture.py", "dlmi": "dlmi.py", "dlmi-throughput": "dlmi.py --throughput",
+          "dlmi-step-cost": "dlmi.py --step-cost", "robustness": "robustness.py", "memory": "memory.py",
+          "precision": "precision.py"}
+
+
+# ----- inputs -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Run:
+    """One run of a benchmark script: what reproduces it, and where and when it ran."""
+
+    command: str | None
+    commit: str | None
+    date: str
+    hardware: str
+    model: str
+
+    def provenance(self) -> str:
+        command = f"`{self.command}`" if self.command else f"command {NOT_SET}"
+        at = f" at commit `{self.commit}`" if self.commit else ""
+        return f"{command}{at} ({self.model}, {self.hardware}, {self.date})"
 
 
 @dataclass
-class Run:
-    """One benchmark JSON file and where it came from."""
+class Source:
+    """One benchmark JSON file, what kind of run wrote it, and the runs behind it (several when merged)."""
 
     path: Path
     data: dict[str, Any]
+    kind: str
 
     @property
-    def written(self) -> str:
-        date = self.data.get("date")
-        if date:
-            return date
-        mtime = datetime.datetime.fromtimestamp(self.path.stat().st_mtime)
-        return f"{mtime.isoformat(timespec='seconds')} (file time)"
+    def name(self) -> str:
+        """The path shown on the pages: relative to the repository, else the bare file name (never machine-specific)."""
+        path = self.path.resolve()
+        return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
+
+    @property
+    def stem(self) -> str:
+        return self.path.stem
 
     @property
     def rows(self) -> list[dict]:
         return self.data.get("rows", [])
 
+    @property
+    def runs(self) -> list[Run]:
+        d, measured = self.data, self.data.get("measured", {})
+        hardware = d.get("hardware") or measured.get("device") or NOT_SET
+        model = d.get("model") or measured.get("model") or NOT_SET
+        return [Run(r.get("command"), r.get("commit"), r.get("date") or d.get("date") or measured.get("date") or NOT_SET,
+                    hardware, model) for r in d.get("runs") or [d]]
 
-def load(path: str | None) -> Run | None:
-    return Run(Path(path), json.loads(Path(path).read_text())) if path else None
+    def rows_of(self, run: int) -> list[dict]:
+        """The rows one run wrote (a merged JSON numbers its runs in each row's `run`)."""
+        return [r for r in self.rows if r.get("run", 0) == run]
+
+
+def kind_of(data: dict, path: Path) -> str:
+    if "measured" in data and "on_paper" in data:
+        return "memory"
+    first = (data.get("rows") or [{}])[0]
+    for kind, keys in (("sipit", {"mean_s_per_token", "kind"}), ("dlmi-throughput", {"s_per_target_step"}),
+                       ("dlmi-step-cost", {"forward_backward"}), ("dlmi", {"honest", "k", "N"}),
+                       ("robustness", {"setting", "recovery"}), ("capture", {"verify_in", "certified"}),
+                       ("precision", {"method", "dtype"})):
+        if keys <= first.keys():
+            return kind
+    raise SystemExit(f"{path}: not the JSON of a benchmark script this report knows (no rows, or unknown row fields)")
+
+
+def load_sources(inputs: list[Path]) -> list[Source]:
+    """Every JSON named, or inside a folder named, sorted by file name within each folder."""
+    files: list[Path] = []
+    for path in inputs:
+        files += sorted(path.glob("*.json")) if path.is_dir() else [path]
+    sources = []
+    for path in files:
+        data = json.loads(path.read_text())
+        sources.append(Source(path, data, kind_of(data, path)))
+    return sources
 
 
 # ----- formatting -------------------------------------------------------------------------------------
@@ -80,6 +154,10 @@ def percent(x: float | None) -> str:
     return "–" if x is None else f"{x:.0%}"
 
 
+def mebibytes(x: int) -> str:
+    return f"{x / 2**20:,.0f}"
+
+
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
@@ -87,64 +165,81 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    line = lambda cells: "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"  # noqa: E731
+    return [line(header), "|" + "---|" * len(header)] + [line(r) for r in rows]
 
 
-# ----- header -----------------------------------------------------------------------------------------
+def captioned(title: str, run: Run, header: list[str], rows: list[list[str]]) -> list[str]:
+    """A table under its caption line, which names the command (and commit) that reproduces the whole table."""
+    return [f"{title}, from {run.provenance()}:", ""] + table(header, rows) + [""]
 
-def sipit_budget(run: Run) -> str:
-    d = run.data
-    prompts = d.get("prompts") or (run.rows[0]["prompts"] if run.rows else "?")
-    parts = [f"{d.get('length', '?')}-token prompts, {prompts} per kind and layer",
-             "SIP-It: whole vocabulary per position (exact)"]
-    positions = d.get("brute_positions")
-    if positions:
-        parts.append(f"brute force: {positions} sampled positions per layer")
+
+# ----- figures ------------------------------------------------------------------------------------------
+
+def load_pyplot():
+    """matplotlib.pyplot on a file-only backend, or None when the `report` extra is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+class Figures:
+    """Names each figure on its page whether or not it can be drawn (the pages never depend on matplotlib);
+    with matplotlib, saves it as a PNG next to the pages and logs it to TensorBoard."""
+
+    def __init__(self, out: Path, plt, tensorboard: Path | None):
+        self.out, self.plt, self.written = out, plt, []
+        self.tensorboard = None
+        if plt is not None and tensorboard is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # The figures are redrawn whole: drop older event files, whose same-tag figures TensorBoard would mix in.
+            for stale in tensorboard.glob("events.out.tfevents.*"):
+                stale.unlink()
+            self.tensorboard = SummaryWriter(str(tensorboard))
+
+    def add(self, name: str, draw: Callable[[Any], Any], caption: str) -> list[str]:
+        """Draw `name`.png with `draw(plt)` when matplotlib is there; the Markdown that shows it either way."""
+        if self.plt is not None:
+            fig = draw(self.plt)
+            path = self.out / f"{name}.png"
+            fig.savefig(path, dpi=120, bbox_inches="tight", metadata={"Software": None})
+            self.written.append(path)
+            if self.tensorboard is not None:
+                self.tensorboard.add_figure(f"report/{name}", fig, global_step=0, close=False)
+            self.plt.close(fig)
+        return [f"![{caption}]({name}.png)", "", f"{caption}.", ""]
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+# ----- SIP-It: Table A / Figure A, costs, ablation, reference loop ----------------------------------------
+
+def sipit_budget(source: Source) -> str:
+    d = source.data
+    first_layer = [r for r in source.rows if r["layer"] == source.rows[0]["layer"]]
+    parts = [f"{d.get('length', '?')}-token prompts, " + " + ".join(f"{r['prompts']} {r['kind']}" for r in first_layer)
+             + " per layer", "SIP-It: whole vocabulary per position (exact)"]
+    if d.get("brute_positions"):
+        parts.append(f"brute force: {d['brute_positions']} sampled positions per layer")
     if d.get("pez_steps"):
         parts.append(f"PEZ: {d['pez_steps']} steps per prompt")
     return "; ".join(parts)
 
 
-def dlmi_budget(run: Run) -> str:
-    d, rows = run.data, run.rows
-    lengths = sorted({r["N"] for r in rows})
-    ks = sorted({r["k"] for r in rows})
-    budget = (f"{d['equal_time']:g} s per target (equal wall time)" if d.get("equal_time")
-              else f"{d.get('steps', '?')} steps per target")
-    parts = [budget, f"N ∈ {{{', '.join(map(str, lengths))}}}",
-             f"k ∈ {{{', '.join(map(str, ks))}}}"]
-    if "batch_size" in d:
-        parts.append(f"batch of {d['batch_size']}")
-    if {"gcg", "gcg-scaled"} & {r["method"] for r in rows} and "gcg_width" in d:
-        parts.append(f"GCG search width {d['gcg_width']}")
-    return "; ".join(parts)
-
-
-def header(sipit: list[Run], dlmi: Run | None, robustness: Run | None, figures: bool) -> list[str]:
-    lines = ["# Inversion benchmarks: comparison report", "",
-             f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} by `benchmarks/report.py`. "
-             "Every number below comes from the JSON runs named in this table; nothing is re-measured.", ""]
-    runs = [("SIP-It", r, sipit_budget(r)) for r in sipit]
-    if dlmi:
-        runs.append(("DLMI", dlmi, dlmi_budget(dlmi)))
-    if robustness:
-        runs.append(("robustness", robustness, f"{robustness.data.get('budget', '?')} candidates per position"))
-    rows = [[name, f"`{r.path}`", r.data.get("model", NOT_SET), r.data.get("hardware", NOT_SET), budget, r.written]
-            for name, r, budget in runs]
-    lines += table(["benchmark", "JSON", "model", "hardware", "budgets", "written"], rows) if rows else ["No inputs given."]
-    if not figures:
-        lines += ["", "_matplotlib is not installed (`pip install lit-inversion[report]`): tables only, no figures._"]
-    return lines + [""]
-
-
-# ----- Table A / Figure A: SIP-It vs brute force vs PEZ ----------------------------------------------
-
-def table_a_entries(run: Run) -> list[dict]:
+def table_a_entries(source: Source) -> list[dict]:
     """One entry per layer and method (and prompt kind): the numbers Table A and Figure A show."""
-    length = run.data.get("length")
+    length = source.data.get("length")
     entries = []
-    for layer in sorted({r["layer"] for r in run.rows}):
-        rows = [r for r in run.rows if r["layer"] == layer]
+    for layer in sorted({r["layer"] for r in source.rows}):
+        rows = [r for r in source.rows if r["layer"] == layer]
         for r in rows:
             mean, std = mean_std(r.get("prompt_seconds", []))
             entries.append(dict(length=length, layer=layer, method="SIP-It", kind=r["kind"],
@@ -158,7 +253,7 @@ def table_a_entries(run: Run) -> list[dict]:
             if "pez_prompt_seconds" in r:
                 mean, std = mean_std(r["pez_prompt_seconds"])
                 entries.append(dict(length=length, layer=layer, kind=r["kind"],
-                                    method=f"HardPrompts (PEZ, {run.data.get('pez_steps', '?')} steps)",
+                                    method=f"HardPrompts (PEZ, {source.data.get('pez_steps', '?')} steps)",
                                     count=f"{len(r['pez_prompt_seconds'])} {r['kind']}",
                                     exact=r["pez_exact"], token_accuracy=r["pez_token_accuracy"], mean=mean, std=std,
                                     per_token=mean / length if length else None,  # PEZ optimises all positions at once
@@ -193,30 +288,99 @@ def time_cell(e: dict) -> str:
     return f"≈ {cell} (extrapolated)" if e["extrapolated"] else cell
 
 
-def section_a(sipit: list[Run], figures: FigureWriter | None) -> list[str]:
-    lines = ["## SIP-It vs brute force vs HardPrompts (Table A, Figure A)", ""]
-    if not sipit:
-        return lines + ["_No SIP-It input (`--sipit`, written by `benchmarks/sipit.py`): no Table A or Figure A._", ""]
-    entries = [e for run in sipit for e in table_a_entries(run)]
-    rows = [[str(e["length"] or "?"), str(e["layer"]), e["method"], e["count"], percent(e["exact"]),
-             percent(e["token_accuracy"]), time_cell(e), seconds(e["per_token"]), e["candidates"]] for e in entries]
-    lines += ["Table A. Exact recovery (every token right), token accuracy, wall time per prompt and per token, "
-              "and candidate tests per token, per layer (the SIP-It paper's Table 2, per layer).", ""]
-    lines += table(["prompt tokens", "layer", "method", "prompts", "exact recovery", "token accuracy",
-                    "time per prompt (s), mean ± std", "s/token", "candidates per token"], rows)
-    lines += ["", "Brute force (random order, same batched verifier and KV cache) is timed on sampled positions given "
-              "the true prefix; its time per prompt is **extrapolated**: T × the mean per position (± √T × the std). "
-              "Its 100% is exact by construction (it may test the whole vocabulary). "
-              "SIP-It's time excludes the first-position table, built once per model and layer.", ""]
-    if any(e["mean"] is None for e in entries):
-        lines += ["n/a: the JSON does not carry per-prompt seconds or the prompt length (written before "
-                  "`benchmarks/sipit.py` recorded them); the s/token column still comes from it.", ""]
-    if not any("pez_exact" in r for run in sipit for r in run.rows):
+def section_sipit(sources: list[Source], figures: Figures) -> list[str]:
+    lines = ["## SIP-It vs brute force vs HardPrompts (Table A, Figure A)", "",
+             "Exact recovery (every token right), token accuracy, wall time per prompt and per token, and candidate "
+             "tests per token, per layer (the SIP-It paper's Table 2, per layer). Brute force (random order, same "
+             "batched verifier and KV cache) is timed on sampled positions given the true prefix; its time per prompt "
+             "is **extrapolated**: T × the mean per position (± √T × the std). Its 100% is exact by construction (it "
+             "may test the whole vocabulary). SIP-It's time excludes the first-position table, built once per model "
+             "and layer.", ""]
+    all_entries = []
+    for source in sources:
+        entries = table_a_entries(source)
+        all_entries += entries
+        rows = [[str(e["length"] or "?"), str(e["layer"]), e["method"], e["count"], percent(e["exact"]),
+                 percent(e["token_accuracy"]), time_cell(e), seconds(e["per_token"]), e["candidates"]] for e in entries]
+        lines += [f"Budgets: {sipit_budget(source)}. Rows: `{source.name}`.", ""]
+        lines += captioned(f"Table A. {source.data.get('length', '?')}-token prompts", source.runs[0],
+                           ["prompt tokens", "layer", "method", "prompts", "exact recovery", "token accuracy",
+                            "time per prompt (s), mean ± std", "s/token", "candidates per token"], rows)
+        if any(e["mean"] is None for e in entries):
+            lines += ["n/a: the JSON does not carry per-prompt seconds or the prompt length (written before "
+                      "`benchmarks/sipit.py` recorded them); the s/token column still comes from it.", ""]
+    if not any("pez_exact" in r for s in sources for r in s.rows):
         lines += ["_No HardPrompts (PEZ) rows: run `benchmarks/sipit.py --pez-steps S` to add them._", ""]
-    if figures and any(e["mean"] is not None for e in entries):
-        lines += [figures.add("sipit_time", figure_a(figures.plt, entries), "Figure A. Time per prompt against layer"), ""]
-    elif figures:
-        lines += ["_No Figure A: the SIP-It JSON carries no per-prompt seconds (rerun `benchmarks/sipit.py`)._", ""]
+    if any(e["mean"] is not None for e in all_entries):
+        lines += figures.add("sipit_time", lambda plt: figure_a(plt, all_entries),
+                             "Figure A. Time per prompt against layer")
+    for source in sources:
+        lines += sipit_costs(source) + sipit_ablation(source) + sipit_reference(source)
+    return lines
+
+
+def sipit_costs(source: Source) -> list[str]:
+    costs = source.data.get("costs") or {}
+    if not costs:
+        return []
+    layers = list(costs)
+    names = list(costs[layers[0]])
+    base = {layer: costs[layer][names[0]] for layer in layers}
+    rows = [[name] + [f"{costs[layer][name]:.2f} ({base[layer] / costs[layer][name]:.0f}x)" for layer in layers]
+            for name in names]
+    return ([f"### What each structural idea buys per candidate test ({source.data.get('length', '?')}-token prompts)",
+             "", "Milliseconds per candidate test, adding one idea at a time, and the ratio to the first row.", ""]
+            + captioned("Per-candidate cost", source.runs[0],
+                        ["per candidate test (ms)"] + [f"layer {layer}" for layer in layers], rows))
+
+
+def sipit_ablation(source: Source) -> list[str]:
+    rows = [r for r in source.rows if len(r.get("ablation", {})) > 1]
+    if not rows:
+        return []
+    names = list(rows[0]["ablation"])
+    cells = []
+    for r in rows:
+        base = r["ablation"]["default"]["s_per_token"]
+        cells.append([str(r["layer"]), r["kind"]] + [
+            f"{a['s_per_token']:.2f} s, {a['candidates']:.0f} ({a['s_per_token'] / base:.1f}x)" if base else
+            f"{a['s_per_token']:.2f} s, {a['candidates']:.0f}" for a in (r["ablation"][n] for n in names)])
+    return ([f"### What each ranking source buys ({source.data.get('length', '?')}-token prompts)", "",
+             "Seconds and candidates per token on the first prompts of each kind, and the time's ratio to the default.",
+             ""] + captioned("Ranking ablation", source.runs[0], ["layer", "kind"] + names, cells))
+
+
+def sipit_reference(source: Source) -> list[str]:
+    reference = {layer: refs for layer, refs in (source.data.get("reference") or {}).items() if refs}
+    if not reference:
+        return []
+    rows = []
+    for layer, refs in reference.items():
+        ref_mean = statistics.mean(r["seconds"] for r in refs)
+        ours_mean = statistics.mean(r["ours_seconds"] for r in refs)
+        bound = "" if all(r["found"] for r in refs) else "≥ "  # a capped position is a lower bound
+        cells = "; ".join(f"{r['seconds']:.1f}{'' if r['found'] else ' (not found)'} ({r['candidates']}, {r['kind']})"
+                          for r in refs)
+        rows.append([str(layer), cells, f"{ours_mean:.2f}", f"{bound}{ref_mean / ours_mean:.0f}x"])
+    return ([f"### Against the reference loop ({source.data.get('length', '?')}-token prompts)", "",
+             "The reference code's loop, re-implemented (one candidate per full forward, the paper's gradient policy), "
+             "on sampled positions given the true prefix, against ours at the same positions.", ""]
+            + captioned("Reference loop", source.runs[0],
+                        ["layer", "reference loop: s (candidates, kind) per position", "ours at the same positions, s",
+                         "speed-up"], rows))
+
+
+def section_capture(sources: list[Source]) -> list[str]:
+    lines = ["## SIP-It on low-precision captures", "",
+             "States captured as a serving stack makes them (the model cast to the dtype, one full-sequence forward), "
+             "then inverted with `capture_dtype` set.", ""]
+    for source in sources:
+        rows = [[r["dtype"], "model cast to it" if r["verify_in"] == "capture" else "float32 model", str(r["layer"]),
+                 f"{r['exact']}/{r['prompts']}", f"{r['token_accuracy']:.1%}", percent(r["verified"]),
+                 percent(r["certified"]), f"{r['s_per_token']:.2f}", f"{r['candidates']:.0f}"] for r in source.rows]
+        lines += captioned(f"Captures (`{source.name}`)", source.runs[0],
+                           ["capture dtype", "verified on", "layer", "exact", "token accuracy", "verified", "certified",
+                            "s/token", "candidates/token"], rows)
     return lines
 
 
@@ -276,15 +440,29 @@ def figure_a_lengths(ax, entries: list[dict]) -> None:
     ax.legend(fontsize=8)
 
 
-# ----- Figure B / Table B / Figure C: DLMI and baselines --------------------------------------------
+# ----- DLMI: Table B / Figures B and C, throughput, step cost ---------------------------------------------
 
 def methods_of(rows: list[dict]) -> list[str]:
-    present = {r["method"] for r in rows}
-    return [m for m in METHOD_NAMES if m in present] + sorted(present - set(METHOD_NAMES))
+    """The known methods in METHOD_NAMES order, then the others (ablation variants) in the order they ran."""
+    present = list(dict.fromkeys(r["method"] for r in rows))
+    return [m for m in METHOD_NAMES if m in present] + [m for m in present if m not in METHOD_NAMES]
 
 
 def method_name(method: str) -> str:
     return METHOD_NAMES.get(method, method)
+
+
+def dlmi_budget(source: Source) -> str:
+    d, rows = source.data, source.rows
+    budget = (f"{d['equal_time']:g} s per target (equal wall time)" if d.get("equal_time")
+              else f"{d.get('steps', '?')} steps per target")
+    parts = [budget, f"N ∈ {{{', '.join(map(str, sorted({r['N'] for r in rows})))}}}",
+             f"k ∈ {{{', '.join(map(str, sorted({r['k'] for r in rows})))}}}"]
+    if "batch_size" in d:
+        parts.append(f"batch of {d['batch_size']}")
+    if {"gcg", "gcg-scaled"} & {r["method"] for r in rows} and "gcg_width" in d:
+        parts.append(f"GCG search width {d['gcg_width']}")
+    return "; ".join(parts)
 
 
 def table_b_rows(rows: list[dict]) -> list[list[str]]:
@@ -300,27 +478,65 @@ def table_b_rows(rows: list[dict]) -> list[list[str]]:
                 success = statistics.mean(r["steps"] * r["s_per_step"] for r in wins) if wins else None
                 out.append([str(n), method_name(method), str(k), f"{statistics.mean(r['honest'] for r in rs):.2f}",
                             f"{len(wins)}/{len(rs)}", "–" if steps is None else f"{steps:.0f}",
-                            "–" if success is None else seconds(success)])
+                            "–" if success is None else seconds(success),
+                            f"{statistics.mean(r['soft'] for r in rs):.2f}",
+                            seconds(statistics.mean(r["s_per_step"] for r in rs)),
+                            f"{statistics.mean(r['copied'] for r in rs):.2f}"])
     return out
 
 
-def section_b(dlmi: Run | None, figures: FigureWriter | None) -> list[str]:
-    lines = ["## DLMI and the output-inversion baselines (Figure B, Table B)", ""]
-    if dlmi is None:
-        return lines + ["_No DLMI input (`--dlmi`, written by `benchmarks/dlmi.py`): no Figure B, Table B or Figure C._", ""]
-    rows = dlmi.rows
-    if figures:
-        budget = f"{dlmi.data['equal_time']:g} s" if dlmi.data.get("equal_time") else f"{dlmi.data.get('steps')} steps"
-        lines += [figures.add("dlmi_lcs", figure_b(figures.plt, rows, budget),
-                              "Figure B. Honest LCS ratio against difficulty k"), ""]
-    lines += ["Table B. Honest LCS ratio (greedy decode from the discrete prompt, scored against the target), exact "
-              "matches, and steps and seconds to success (mean over the exact matches; seconds = steps × the "
-              "method's seconds per step in this run).", ""]
-    lines += table(["N", "method", "k", "honest LCS", "exact", "steps to success", "seconds to success"], table_b_rows(rows))
-    return lines + [""] + section_c(dlmi, figures)
+TABLE_B = ["N", "method", "k", "honest LCS", "exact", "steps to success", "seconds to success", "soft LCS", "s/step",
+           "prompt/target LCS"]
 
 
-def figure_b(plt, rows: list[dict], budget: str | None):
+def section_dlmi(source: Source, figures: Figures) -> list[str]:
+    budget = dlmi_budget(source)
+    lines = [f"## Output inversion, {budget.split(';')[0]} (`{source.name}`)", "", f"Budgets: {budget}.", ""]
+    lines += figures.add(f"{source.stem}_lcs", lambda plt: figure_b(plt, source.rows, budget.split(";")[0]),
+                         f"Figure B ({source.stem}). Honest LCS ratio against difficulty k")
+    for i, run in enumerate(source.runs):
+        rows = source.rows_of(i)
+        if rows:
+            lines += captioned(f"Table B. Run {i + 1} of {len(source.runs)}" if len(source.runs) > 1 else "Table B. One run",
+                               run, TABLE_B, table_b_rows(rows))
+    # A method that ran no relaxed step (the default swap search) has no temperature: nan throughout.
+    traces = [t for t in source.data.get("tau_traces", [])
+              if (t["method"] in TAU_METHODS or t["method"].startswith("dlmi-")) and any(x > 0 for x in t["tau"])]
+    if traces:
+        keys = ", ".join(sorted({k for t in traces for k in t["keys"]}))
+        lines += figures.add(f"{source.stem}_tau", lambda plt: figure_c(plt, traces),
+                             f"Figure C ({source.stem}). Mean temperature τ over the prompt positions of the first "
+                             f"batch ({keys}) at every step")
+    return lines
+
+
+def section_throughput(source: Source) -> list[str]:
+    rows = []
+    for r in source.rows:
+        base = next(b for b in source.rows if b["N"] == r["N"] and b["method"] == r["method"])
+        rows.append([str(r["N"]), method_name(r["method"]), str(r["batch_size"]), f"{r['wall']:.1f}",
+                     str(r["target_steps"]), f"{r['s_per_target_step']:.2f}",
+                     f"{base['s_per_target_step'] / r['s_per_target_step']:.2f}x"])
+    return ([f"## Throughput by batch size (`{source.name}`)", "",
+             "The same targets through the job's pool of slots (a batch size is a number of slots, a freed slot "
+             "refilled at once): seconds per target-step against the first batch size of the run.", ""]
+            + captioned("Throughput", source.runs[0],
+                        ["N", "method", "slots", "wall (s)", "target-steps", "s per target-step", "vs the first"], rows))
+
+
+def section_step_cost(source: Source) -> list[str]:
+    rows = [[str(r["N"]), r["method"], r["relaxation"], str(r["rows"]), f"{r['forward_backward']:.3f}",
+             f"{r['step']:.3f}", f"{r['ratio']:.2f}x", "–" if r["model_share"] is None else f"{r['model_share']:.0%}",
+             f"{r['check']:.2f}"] for r in source.rows]
+    vocab = source.data.get("vocab_size")
+    return ([f"## A step against the model's own forward and backward (`{source.name}`)", ""]
+            + ([f"|V| = {vocab:,}, M = {source.data.get('M', '?')}.", ""] if vocab else [])
+            + captioned("Step cost", source.runs[0],
+                        ["N", "method", "relaxation", "rows", "model forward+backward (s)", "step (s)",
+                         "step / forward+backward", "model calls' share", "honest check (s)"], rows))
+
+
+def figure_b(plt, rows: list[dict], budget: str):
     lengths = sorted({r["N"] for r in rows})
     methods, ks = methods_of(rows), sorted({r["k"] for r in rows})
     fig, axes = plt.subplots(1, len(lengths), figsize=(max(6.5, 4.5 * len(lengths)), 4.2), layout="constrained",
@@ -338,22 +554,9 @@ def figure_b(plt, rows: list[dict], budget: str | None):
         ax.set_ylim(0, 1.05)
     axes[0, 0].set_ylabel("honest LCS ratio (mean over targets)")
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(methods), 6), fontsize=8)
-    fig.suptitle(f"Output inversion, {budget or '?'} per target", fontsize=11)
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(methods), 4), fontsize=8)
+    fig.suptitle(f"Output inversion, {budget}", fontsize=11)
     return fig
-
-
-def section_c(dlmi: Run, figures: FigureWriter | None) -> list[str]:
-    lines = ["## DLMI temperature over the run (Figure C)", ""]
-    # A method that ran no relaxed step (the default swap search) has no temperature: nan throughout.
-    traces = [t for t in dlmi.data.get("tau_traces", []) if t["method"] in TAU_METHODS and any(x > 0 for x in t["tau"])]
-    if not traces:
-        return lines + ["_This dlmi.json has no temperature trace of a DLMI-family method (rerun `benchmarks/dlmi.py`)._", ""]
-    if not figures:
-        return lines + ["_Figure C needs matplotlib._", ""]
-    caption = ("Figure C. Mean temperature τ over prompt positions of the first batch ("
-               + ", ".join(sorted({k for t in traces for k in t["keys"]})) + ") at every step")
-    return lines + [figures.add("dlmi_tau", figure_c(figures.plt, traces), caption), ""]
 
 
 def figure_c(plt, traces: list[dict]):
@@ -364,7 +567,7 @@ def figure_c(plt, traces: list[dict]):
         marked = False
         for t in [t for t in traces if t["N"] == n]:
             line, = ax.plot(range(1, len(t["tau"]) + 1), t["tau"], label=method_name(t["method"]))
-            if "refine" in t["phase"]:  # after this step the prompt is discrete: tau no longer matters
+            if "refine" in t["phase"] and t["phase"].index("refine") > 0:  # after it the prompt is discrete
                 ax.axvline(t["phase"].index("refine") + 1, color=line.get_color(), linestyle=":",
                            label=None if marked else "refinement starts (dotted)")
                 marked = True
@@ -376,24 +579,24 @@ def figure_c(plt, traces: list[dict]):
     return fig
 
 
-# ----- robustness ---------------------------------------------------------------------------------------
+# ----- robustness, memory, precision -----------------------------------------------------------------------
 
-def section_robustness(run: Run | None, figures: FigureWriter | None) -> list[str]:
-    lines = ["## SIP-It on noisy and rounded states", ""]
-    if run is None:
-        return lines + ["_No robustness input (`--robustness`, written by `benchmarks/robustness.py`)._", ""]
+def section_robustness(source: Source, figures: Figures) -> list[str]:
     rows = []
-    for r in run.rows:
+    for r in source.rows:
         confidence = " / ".join("–" if c is None else f"{c:.2f}" for c in (r["confidence_right"], r["confidence_wrong"]))
         rows.append([str(r["layer"]), f"{r['delta']:.3g}", r["setting"], f"{r['noise_norm'] / r['delta']:.3g}",
                      percent(r["recovery"]), confidence, seconds(r["seconds_per_token"])])
-    lines += [f"Token recovery with at most {run.data.get('budget', '?')} candidates per position. Δ: minimum pairwise "
-              "distance between candidate states; recovery is guaranteed while the noise norm stays under Δ/2.", ""]
-    lines += table(["layer", "Δ", "setting", "noise norm / Δ", "token recovery", "confidence (right / wrong)", "s/token"], rows)
-    if figures:
-        lines += ["", figures.add("robustness", figure_robustness(figures.plt, run.rows, run.data.get("budget")),
-                                  "SIP-It token recovery against noise")]
-    return lines + [""]
+    budget = source.data.get("budget")
+    lines = [f"## Token recovery (`{source.name}`)", "",
+             f"At most {budget or '?'} candidates per position (noisy states never verify, so the search spends its "
+             "budget and returns the nearest candidate). Δ: minimum pairwise distance between the candidate states at "
+             "the first position; nearest-candidate decoding is guaranteed while the noise norm stays under Δ/2.", ""]
+    lines += captioned("Robustness", source.runs[0],
+                       ["layer", "Δ", "setting", "noise norm / Δ", "token recovery", "confidence (right / wrong)",
+                        "s/token"], rows)
+    return lines + figures.add(source.stem, lambda plt: figure_robustness(plt, source.rows, budget),
+                               "SIP-It token recovery against noise")
 
 
 def figure_robustness(plt, rows: list[dict], budget: int | None):
@@ -416,66 +619,132 @@ def figure_robustness(plt, rows: list[dict], budget: int | None):
     return fig
 
 
-# ----- output ---------------------------------------------------------------------------------------------
-
-def load_pyplot():
-    """matplotlib.pyplot on a file-only backend, or None when the `report` extra is not installed."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-class FigureWriter:
-    """Saves each figure as a PNG next to report.md and logs it to TensorBoard."""
-
-    def __init__(self, out: Path, plt):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.out = out
-        self.plt = plt
-        # The report is rebuilt whole: drop older event files, whose same-tag figures TensorBoard would mix in.
-        for stale in (out / "tensorboard").glob("events.out.tfevents.*"):
-            stale.unlink()
-        self.tensorboard = SummaryWriter(str(out / "tensorboard"))
-
-    def add(self, name: str, fig, caption: str) -> str:
-        """Write `fig`, then return the markdown that shows it (a path relative to report.md)."""
-        path = self.out / f"{name}.png"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        self.tensorboard.add_figure(f"report/{name}", fig, global_step=0, close=True)
-        return f"![{caption}]({path.name})\n\n{caption}."
-
-    def close(self) -> None:
-        self.tensorboard.close()
+def section_memory(source: Source) -> list[str]:
+    m, run = source.data["measured"], source.runs[0]
+    measured = [[m["model"], str(m["layer"]), m["device"], f"{m['prompts']} × {m['length']} tokens",
+                 f"{m['exact']}/{m['prompts']}", mebibytes(m["weights_bytes"]), mebibytes(m["peak_extra_bytes"]),
+                 f"{m['peak_over_weights']:.2f}x"]]
+    pieces = list(source.data["on_paper"][0]["pieces_bytes"])
+    on_paper = [[f"{p['vocab']:,}", f"{p['hidden']:,}", mebibytes(p["weights_bytes"])]
+                + [mebibytes(p["pieces_bytes"][name]) for name in pieces]
+                + [mebibytes(p["peak_extra_bytes"]), f"{p['peak_over_weights']:.2f}x"] for p in source.data["on_paper"]]
+    return ([f"## Peak memory beyond the weights (`{source.name}`)", "",
+             "Peak resident (or CUDA-allocated) memory while a layer's index is built from the cache and prompts are "
+             "inverted, above the process's memory with the model loaded; MiB.", ""]
+            + captioned("Measured", run, ["model", "layer", "device", "prompts", "exact", "weights (MiB)",
+                                          "peak extra (MiB)", "weights + peak extra, over the weights"], measured)
+            + ["SIP-It's [V, d]-sized pieces by formula (float32 bytes, MiB), for this model and for an 8B Llama in "
+               "float32 (|V| = 128,256, d = 4,096); the same run computed both.", ""]
+            + captioned("On paper", run, ["vocabulary", "d", "weights (MiB)"]
+                        + [f"{name.replace('_', ' ')} (MiB)" for name in pieces]
+                        + ["peak extra (MiB)", "weights + peak extra, over the weights"], on_paper))
 
 
-def main(argv: list[str] | None = None) -> Path:
+def section_precision(source: Source) -> list[str]:
+    rows = []
+    for r in source.rows:
+        if r["method"] == "sipit":
+            rows.append(["SIP-It ranking chains", f"layer {r['layer']}", r["dtype"], percent(r["exact"]),
+                         f"{r['s_per_token']:.2f} s/token", f"{r['candidates']:.0f}", "–", "–"])
+        else:
+            loss = "–" if r.get("relaxed_loss_last") is None else f"{r['relaxed_loss_last']:.3f}"
+            rows.append(["DLMI forwards", r["target"], r["dtype"], str(r["exact"]), f"{r['s_per_step']:.2f} s/step",
+                         "–", loss, f"{r['honest']:.2f}"])
+    return ([f"## bf16 against float32 (`{source.name}`)", "",
+             "SIP-It's verification is float32 either way; DLMI's honest checks too.", ""]
+            + captioned("Precision", source.runs[0], ["method", "setting", "dtype", "exact", "time",
+                                                      "candidates/token", "final relaxed loss", "honest LCS"], rows))
+
+
+# ----- pages ----------------------------------------------------------------------------------------------
+
+GENERATED = ("Generated by `python benchmarks/report.py` from the benchmark JSON; do not edit: "
+             "`tests/test_report.py` fails when a page differs from what the script writes.")
+
+
+def page_lines(page: str, sources: list[Source], figures: Figures) -> list[str]:
+    title, _, _ = PAGES[page]
+    lines = [f"# {title}", "", GENERATED + " Each table's caption names the command that reproduces it, and the "
+             "model, hardware and date of that run.", ""]
+    of = lambda kind: [s for s in sources if s.kind == kind]  # noqa: E731
+    if page == "sipit.md":
+        lines += section_sipit(of("sipit"), figures) if of("sipit") else []
+        lines += section_capture(of("capture")) if of("capture") else []
+    elif page == "dlmi.md":
+        if of("dlmi"):
+            lines += ["Table B: honest LCS ratio (greedy decode from the discrete prompt, scored against the target), "
+                      "exact matches, steps and seconds to success (mean over the exact matches; seconds = steps × the "
+                      "method's seconds per step), the paper-style soft LCS, seconds per step, and how much of the "
+                      "target the prompt itself contains (prompt/target LCS), per prompt length N, method and "
+                      "difficulty k (mean over the targets).", ""]
+        for source in of("dlmi"):
+            lines += section_dlmi(source, figures)
+        for source in of("dlmi-throughput"):
+            lines += section_throughput(source)
+        for source in of("dlmi-step-cost"):
+            lines += section_step_cost(source)
+    elif page == "robustness.md":
+        for source in of("robustness"):
+            lines += section_robustness(source, figures)
+    elif page == "memory.md":
+        for source in of("memory"):
+            lines += section_memory(source)
+    elif page == "precision.md":
+        for source in of("precision"):
+            lines += section_precision(source)
+    return lines
+
+
+def index_lines(sources: list[Source], pages: list[str]) -> list[str]:
+    lines = ["# Benchmark results", "", GENERATED, "",
+             "A command \"at commit C\" ran the code of commit C (`git checkout C`, then the command): the scripts' "
+             "flags and the measured code may have changed since. A run that wrote no date says when its JSON was "
+             "committed instead.", ""]
+    if not sources:
+        return lines + ["No benchmark JSON given."]
+    lines += table(["page", "what"], [[f"[{PAGES[p][0]}]({p})", PAGES[p][1]] for p in pages]) + [""]
+    lines += ["## Runs", "", "Every JSON behind the pages, one row per run; each row names the command that "
+              "reproduces it.", ""]
+    page_of = {kind: page for page, (_, _, kinds) in PAGES.items() for kind in kinds}
+    rows = [[f"`{s.name}`", f"[{page_of[s.kind]}]({page_of[s.kind]})", f"`benchmarks/{WRITER[s.kind]}`", run.model,
+             run.hardware, run.date, (f"`{run.command}`" if run.command else f"command {NOT_SET}")
+             + (f" at commit `{run.commit}`" if run.commit else "")]
+            for s in sources for run in s.runs]
+    return lines + table(["JSON", "page", "written by", "model", "hardware", "date", "command"], rows)
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    """Write the pages (and, with matplotlib, the figures); return the pages written, index.md first."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sipit", nargs="+", default=[], help="sipit.json files (several prompt lengths: one each)")
-    parser.add_argument("--dlmi", help="dlmi.json")
-    parser.add_argument("--robustness", help="robustness.json")
-    parser.add_argument("--out", default="docs/report", help="folder for report.md, the PNGs and tensorboard/")
+    parser.add_argument("inputs", nargs="*", type=Path, default=[RESULTS / "data"],
+                        help="benchmark JSON files, or folders of them (default: docs/results/data)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the pages and PNGs (default: docs/results)")
+    parser.add_argument("--tensorboard", type=Path, default=ROOT / "runs" / "report-tensorboard",
+                        help="also log each figure to TensorBoard here (default: runs/report-tensorboard)")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    sipit, dlmi, robustness = [load(p) for p in args.sipit], load(args.dlmi), load(args.robustness)
+    sources = load_sources(args.inputs)
+    args.out.mkdir(parents=True, exist_ok=True)
     plt = load_pyplot()
-    figures = FigureWriter(out, plt) if plt is not None else None
-    lines = header(sipit, dlmi, robustness, figures=figures is not None)
-    lines += section_a(sipit, figures)
-    lines += section_b(dlmi, figures)
-    lines += section_robustness(robustness, figures)
-    if figures is not None:
-        figures.close()
-    report = out / "report.md"
-    report.write_text("\n".join(lines))
-    print(f"report: {report}")
-    return report
+    if plt is None:
+        print("matplotlib is not installed (pip install lit-inversion[report]): pages only, the PNGs are not redrawn",
+              file=sys.stderr)
+    figures = Figures(args.out, plt, args.tensorboard)
+    kinds = {s.kind for s in sources}
+    pages = [page for page, (_, _, page_kinds) in PAGES.items() if kinds & set(page_kinds)]
+    written = [args.out / "index.md"]
+    written[0].write_text("\n".join(index_lines(sources, pages)).rstrip("\n") + "\n")
+    for page in pages:
+        path = args.out / page
+        path.write_text("\n".join(page_lines(page, sources, figures)).rstrip("\n") + "\n")
+        written.append(path)
+    figures.close()
+    # Without matplotlib the PNGs are not redrawn, so only pages can be told stale then.
+    stale = sorted(p.name for p in args.out.glob("*") if p not in written + figures.written
+                   and (p.suffix == ".md" or (p.suffix == ".png" and plt is not None)))
+    if stale:
+        print(f"in {args.out} but not written by this run (delete them if stale): {', '.join(stale)}", file=sys.stderr)
+    print(f"pages: {', '.join(p.name for p in written)} in {args.out}")
+    return written
 
 
 if __name__ == "__main__":

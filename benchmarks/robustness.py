@@ -10,7 +10,7 @@ nearest-candidate decoding while the noise norm stays under Delta / 2, i.e. for
 sigma < sigma* = Delta / (2 sqrt(d)); sigma is reported as a multiple of sigma*. Each position may
 test `--budget` candidates (noisy states never verify, so the search always spends it) and returns
 the nearest one with its distance and confidence. Writes robustness.json and prints a markdown
-table; `benchmarks/report.py --robustness robustness.json` draws the curve.
+table; `benchmarks/report.py robustness.json --out DIR` draws the curve.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable for benchmarks.common
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import hardware
+from benchmarks.common import hardware, run_record
 
 from lit_inversion.models import load_model
 from lit_inversion.sipit.algorithm import SipItConfig, invert
@@ -151,8 +151,9 @@ def main() -> None:
               f"{r['recovery']:.0%} | {conf} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "robustness.json").write_text(json.dumps({"hardware": hardware(), "budget": args.budget, "rows": rows}, indent=1))
-    print(f"figure and report: python benchmarks/report.py --robustness {out / 'robustness.json'}")
+    (out / "robustness.json").write_text(json.dumps({"hardware": hardware(), "model": args.model, **run_record(),
+                                                     "budget": args.budget, "rows": rows}, indent=1))
+    print(f"table and figure: python benchmarks/report.py {out / 'robustness.json'} --out {out}")
 
 
 if __name__ == "__main__":

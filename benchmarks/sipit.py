@@ -13,13 +13,13 @@ embedding, gradient clipped to norm 1, the nearest unvisited token proposed, a s
 nearest token every 50 steps, a random start) on `--reference-positions` positions per layer, given the
 true prefix, and prints our speed-up over it. Optionally: brute force (random policy, our batched
 verifier) on sampled positions, an ablation of the ranking sources, what each structural idea buys per
-candidate test, and the HardPrompts (PEZ) baseline. sipit.json keeps the rows for benchmarks/report.py.
+candidate test, and the HardPrompts (PEZ) baseline. sipit.json keeps the rows, and the command that
+reproduces them, for benchmarks/report.py (the pages in docs/results/ read it from docs/results/data/).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
@@ -30,7 +30,7 @@ import torch
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable for benchmarks.common
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import hardware
+from benchmarks.common import hardware, run_record
 
 from lit_inversion.models import load_model
 from lit_inversion.sipit.algorithm import SipItConfig, SipItResult, invert
@@ -326,8 +326,7 @@ def main() -> None:
         for r in rows:
             print(f"| {r['layer']} | {r['prompts']} {r['kind']} | {r['pez_exact']:.0%} | {r['pez_token_accuracy']:.0%} | "
                   f"{statistics.mean(r['pez_prompt_seconds']):.1f} |")
-    run = dict(hardware=hw, model=args.model, torch=torch.__version__,
-               date=datetime.datetime.now().isoformat(timespec="seconds"), length=args.length,
+    run = dict(hardware=hw, model=args.model, torch=torch.__version__, **run_record(), length=args.length,
                prompts=args.num_prompts + args.num_random, brute_positions=args.brute_positions, pez_steps=args.pez_steps)
     (out / "sipit.json").write_text(json.dumps({**run, "rows": rows, "costs": costs, "reference": reference}, indent=1))
 

@@ -24,16 +24,11 @@ class InversionCLI(LightningCLI):
         return {"fit": LightningCLI.subcommands()["fit"]}
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--results_path", type=str | None, default=None,
-                            help="JSONL file that gets one record per target as it finishes (overrides model.results_path)")
+        parser.add_argument("--results_path", type=str, default="results/results.jsonl",
+                            help="JSONL file that gets one record per target as it finishes")
+        parser.link_arguments("results_path", "model.init_args.results_path")
         parser.add_argument("--verbose", action="store_true",
                             help="also show the libraries' info lines, tips and warnings (hidden by default)")
-
-    def before_instantiate_classes(self) -> None:
-        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-        results_path = config.get("results_path")
-        if results_path:
-            config["model"]["init_args"]["results_path"] = results_path
 
 
 def use_method_configs() -> None:

@@ -21,6 +21,8 @@ _HARMLESS_WARNINGS = (
     # Our datasets are iterable so that Lightning injects no distributed sampler (see distributed.py);
     # their length is exact because they are never split across workers.
     r"Your .IterableDataset. has .__len__. defined",
+    # DLMI's step pulls its targets (training_step(dataloader_iter)): Lightning marks that API experimental.
+    r"Found .dataloader_iter. argument in the .training_step.",
     # Emitted inside Lightning on this torch version; nothing in our code uses LeafSpec.
     r".*isinstance\(treespec, LeafSpec\). is deprecated",
     # Logging cadence is ours (per target / per step), not Lightning's epoch interval.
@@ -74,6 +76,12 @@ class InversionProgressBar(TQDMProgressBar):
         super().on_train_epoch_start(trainer, *args)
         self.train_progress_bar.set_description(self.unit)
         self.train_progress_bar.unit = self.unit.split()[-1]
+
+    @property
+    def total_train_batches(self) -> int | float:
+        # A job that pulls its own targets (DLMI's pool) knows its step bound; Lightning sees an unsized loader.
+        total = getattr(self.trainer.lightning_module, "progress_total", lambda: None)()
+        return super().total_train_batches if total is None else total
 
     def get_metrics(self, trainer, pl_module) -> dict:
         metrics = super().get_metrics(trainer, pl_module)

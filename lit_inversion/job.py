@@ -7,13 +7,16 @@ Lightning's precision plugins never cast its weights.
 from __future__ import annotations
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from torchmetrics import Metric
 
 from lit_inversion.console import InversionProgressBar
 from lit_inversion.distributed import check_strategy, finished_ids, merge_rank_results, rank_results_path
 from lit_inversion.models import LoadedModel, load_model
 from lit_inversion.precision import check_trainer_precision
 from lit_inversion.results import ResultsWriter, check_settings
+from lit_inversion.tracking import log_scalars
 
 
 class InversionJob(L.LightningModule):
@@ -90,6 +93,20 @@ class InversionJob(L.LightningModule):
         """The trainer's precision as a compute dtype name: what unset dtype options follow."""
         precision = str(self.trainer.precision)
         return "bfloat16" if precision.startswith("bf16") else "float16" if precision.startswith("16") else "float32"
+
+    def run_metrics(self) -> dict[str, Metric]:
+        """This run's torchmetrics, by the name their value over every rank's targets is logged under."""
+        return {}
+
+    def on_train_epoch_end(self) -> None:
+        metrics = self.run_metrics()
+        if not metrics:
+            return
+        # compute() syncs across ranks, so every rank must call it, or none: decide on the summed counts.
+        counts = self.trainer.strategy.reduce(torch.stack([m.count for m in metrics.values()]), reduce_op="sum")
+        values = {name: float(m.compute()) for (name, m), n in zip(metrics.items(), counts.tolist()) if n > 0}
+        if values:
+            log_scalars(self, values, self.targets_done)
 
     def summarize(self, records: list[dict]) -> str:
         """One closing line for the run (all records in the results file, resumed ones included)."""

@@ -14,7 +14,6 @@ is applied here, as the model applies it to looked-up ids but not to embeddings 
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator, Sequence
 
 import torch

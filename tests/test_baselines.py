@@ -12,7 +12,9 @@ from lit_inversion import invert_hidden_states, invert_output
 from lit_inversion.dlmi import DlmiBatch, DlmiConfig, greedy_decode
 from tests.conftest import step_to_end as run_batch
 from lit_inversion.dlmi import make_batch, method_config
-from lit_inversion.dlmi.gcg import GcgBatch, allowed_tokens, map_with_backoff, retokenization_mask
+from lit_inversion.dlmi.gcg import GcgBatch
+from lit_inversion.dlmi.search import map_with_backoff
+from lit_inversion.dlmi.vocab import allowed_tokens, retokenization_mask
 from lit_inversion.dlmi.reinforce import ReinforceBatch, ema_update
 from lit_inversion.errors import InversionError
 from lit_inversion.metrics import lcs_ratio
@@ -170,7 +172,7 @@ def test_gcg_scoring_halves_its_batch_and_retries_on_out_of_memory(tiny_llama, m
     def flaky(prompts, first, target, cache):
         sizes.append(len(prompts))
         if len(sizes) == 1:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (simulated)")
         return original(prompts, first, target, cache)
 
     monkeypatch.setattr(scorer, "prompts", flaky)
@@ -182,7 +184,7 @@ def test_gcg_scoring_halves_its_batch_and_retries_on_out_of_memory(tiny_llama, m
 
 def test_backoff_gives_up_cleanly():
     def always_oom(start, end):
-        raise torch.OutOfMemoryError("out of memory")
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     with pytest.raises(InversionError, match="out of memory scoring a single GCG candidate"):
         map_with_backoff(always_oom, 4, 4)

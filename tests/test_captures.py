@@ -4,7 +4,6 @@ BOS option for the model and the data, and a user's file never cut silently."""
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch

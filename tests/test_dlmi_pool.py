@@ -43,13 +43,13 @@ def _targets(tmp_path: Path, loaded) -> Path:
 
 
 def _fit(directory: Path, model_dir: Path, targets: Path, ckpt_path: str | None = None, max_steps: int = -1,
-         **options) -> tuple[L.Trainer, Timeline]:
+         logger=False, **options) -> tuple[L.Trainer, Timeline]:
     timeline = Timeline()
     method = DlmiConfig(check_every=2, compute_dtype="float32", max_prompt_target_lcs=1.0, **options)
     module = DlmiModule(str(model_dir), results_path=str(directory / "results.jsonl"), checkpoint_every=3,
                         prompt_length=3, num_steps=NUM_STEPS, method=method)
     data = OutputTargetsDataModule(targets_file=str(targets), batch_size=2)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, max_steps=max_steps, logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, max_steps=max_steps, logger=logger,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         use_distributed_sampler=False, default_root_dir=directory,
                         callbacks=[LastCheckpoint(dirpath=str(directory / "ckpt")), timeline])
@@ -70,6 +70,22 @@ def test_one_lightning_step_is_one_optimisation_step_and_freed_slots_are_refille
     assert timeline.steps[steps["easy"] - 1] == {"hard0": steps["easy"], "hard1": 0}
     assert timeline.steps[NUM_STEPS - 1] == {"hard1": NUM_STEPS - steps["easy"]}
     assert timeline.steps[-1] == {}
+
+
+def test_the_run_metrics_are_computed_over_the_finished_targets(tmp_path, tiny_llama_dir, tiny_llama):
+    """At the end of the epoch the torchmetrics metrics are computed (synced across ranks) and logged."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    targets = _targets(tmp_path, tiny_llama)
+    _fit(tmp_path, tiny_llama_dir, targets, logger=CSVLogger(tmp_path / "logs", name="run"))
+    records = read_results(tmp_path / "results.jsonl")
+    rows = list(csv.DictReader(open(next((tmp_path / "logs").rglob("metrics.csv")))))
+    final = [r for r in rows if r.get("dlmi/run_exact_match_rate")]
+    assert len(final) == 1
+    assert float(final[0]["dlmi/run_exact_match_rate"]) == pytest.approx(sum(r["exact_match"] for r in records) / 3)
+    assert float(final[0]["dlmi/run_honest_lcs"]) == pytest.approx(sum(r["lcs_ratio"] for r in records) / 3)
 
 
 def test_resume_mid_target_continues_from_the_saved_state(tmp_path, tiny_llama_dir, tiny_llama):
@@ -100,8 +116,8 @@ def test_resume_mid_target_continues_from_the_saved_state(tmp_path, tiny_llama_d
     assert got == want  # as if never stopped: parameters, Adam state, noise and search all restored
 
 
-def test_tick_bound_covers_every_schedule():
-    """`max_pool_steps` (the dataloader's length) bounds the pool's steps for any target lengths."""
+def test_step_bound_covers_every_schedule():
+    """`max_pool_steps` (the progress bar's total) bounds the pool's steps for any target lengths."""
     rng = random.Random(0)
     for _ in range(300):
         slots, budget, count = rng.randint(1, 4), rng.randint(1, 6), rng.randint(0, 12)

@@ -475,7 +475,8 @@ data:
 """, ("prompt_length", "abc")),
         "missing-data-file": (sipit("", directory / "missing.txt"), ("missing.txt", "does not exist")),
         # The config class itself rejects the value while jsonargparse instantiates it.
-        "out-of-range": (sipit("    map_share: 2.0\n", directory / "p.txt"), ("map_share must be in [0, 1]",)),
+        "out-of-range": (sipit("    method: {class_path: lit_inversion.sipit.SipItConfig, init_args: {map_share: 2.0}}\n",
+                                directory / "p.txt"), ("map_share must be in [0, 1]",)),
     }
 
 

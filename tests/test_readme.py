@@ -9,7 +9,6 @@ import re
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -81,6 +80,27 @@ def test_every_option_the_readme_names_exists():
     missing = sorted(f"--{kind}.{name}" for kind, name in named if name not in options[kind])
     assert not missing, f"the README names options no config class accepts: {missing}"
     assert ("model", "prepend_bos") in named and ("data", "layer") in named
+
+
+def test_every_method_option_the_readme_names_exists():
+    from dataclasses import fields
+
+    from lit_inversion.dlmi.config import CONFIGS
+    from lit_inversion.sipit import PezConfig, SipItConfig
+
+    configs = [SipItConfig, PezConfig, *CONFIGS.values()]
+    known = {f.name for c in configs for f in fields(c)} | {"help"}
+    named = set(re.findall(r"--model\.method\.(\w+)", README))
+    assert named and not named - known, f"the README names method options no config has: {sorted(named - known)}"
+    classes = set(re.findall(r"--model\.method (\w+)", README)) | set(re.findall(r"--model\.method\.help (\w+)", README))
+    assert classes and classes <= {c.__name__ for c in configs}
+
+
+def test_the_cli_reference_is_generated_from_the_code():
+    from lit_inversion.reference import reference
+
+    assert (ROOT / "docs" / "cli.md").read_text(encoding="utf-8") == reference(), \
+        "docs/cli.md is stale: run python -m lit_inversion.reference > docs/cli.md"
 
 
 @pytest.fixture(scope="module")

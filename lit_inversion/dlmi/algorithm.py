@@ -30,7 +30,7 @@ from torch import nn
 from lit_inversion.dlmi import relax, search
 from lit_inversion.dlmi.batch import StepStats, TargetBatch, anchor_ids, repeat_prompt
 from lit_inversion.dlmi.config import DlmiConfig
-from lit_inversion.metrics import lcs_ratio
+from lit_inversion.metrics import lcs_length, lcs_ratio
 
 
 class DlmiBatch(TargetBatch):
@@ -249,7 +249,7 @@ class DlmiBatch(TargetBatch):
             options = [self._random_prompt(b)]
             for a in anchor_ids(self.loaded.tokenizer, c.init_anchors):
                 fill = [a] * c.prompt_length
-                if self.allowed[b, a] and search.lcs_length(fill, target) <= self.copy_limit * len(target):
+                if self.allowed[b, a] and lcs_length(fill, target) <= self.copy_limit * len(target):
                     options.append(torch.tensor(fill, device=self.device))
             options = torch.stack(options)
             start = options[self._discrete_key(options, torch.full((len(options),), b, device=self.device)).argmin()]

@@ -27,8 +27,8 @@ from torch import nn
 from lit_inversion.dlmi import search
 from lit_inversion.dlmi.vocab import allowed_tokens, forbidden_for_target
 from lit_inversion.errors import InversionError
-from lit_inversion.metrics import lcs_ratio
-from lit_inversion.precision import DTYPES, model_dtype_region, resolve_dtype  # noqa: F401 (re-exported)
+from lit_inversion.metrics import lcs_length, lcs_ratio
+from lit_inversion.precision import model_dtype_region, resolve_dtype
 from lit_inversion.tokens import check_ids, context_prefix, decode
 
 @dataclass
@@ -273,7 +273,7 @@ class TargetBatch(nn.Module):
         for _ in range(100):
             prompt = choices[torch.randint(len(choices), (self.config.prompt_length,), generator=self.generators[b],
                                            device=self.device)]
-            if search.lcs_length(prompt.tolist(), target) <= self.copy_limit * len(target):
+            if lcs_length(prompt.tolist(), target) <= self.copy_limit * len(target):
                 break
         return prompt
 

@@ -6,12 +6,12 @@ import math
 from dataclasses import dataclass
 
 import lightning as L
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from lit_inversion.errors import InversionError
 from lit_inversion.models import LoadedModel
 from lit_inversion.distributed import shard
-from lit_inversion.sequences import apply_limit, read_sequences
+from lit_inversion.sequences import ListDataset, apply_limit, read_sequences
 
 
 @dataclass
@@ -27,28 +27,13 @@ def max_pool_steps(targets: int, slots: int, num_steps: int) -> int:
     return math.ceil(targets / slots) * num_steps
 
 
-class TickDataset(IterableDataset):
-    """One item per pool step: this rank's targets at the first tick, then empty lists.
-
-    The targets travel through the dataloader (the module queues what each tick brings); the later
-    ticks only pace the pool. Its length is an upper bound on the pool steps the targets need
-    (`max_pool_steps`), so Lightning's bar has a total; the module ends the epoch earlier, as soon as
-    the pool and queue are empty on every rank (`on_train_batch_start` returning -1).
-    """
-
-    def __init__(self, targets: list[OutputTarget], ticks: int):
-        self.targets, self.ticks = targets, ticks
+class TargetStream(ListDataset):
+    """This rank's targets, one at a time, for the module to pull (`training_step(dataloader_iter)`)."""
 
     def __len__(self) -> int:
-        return self.ticks
-
-    def __iter__(self):
-        for tick in range(self.ticks):
-            yield self.targets if tick == 0 else []
-
-
-def _unwrap(items: list[list[OutputTarget]]) -> list[OutputTarget]:
-    return items[0]
+        # Unsized on purpose: Lightning ends a sized loader's epoch when its last item is fetched, but the
+        # targets then in the pool's slots need more steps; the module ends the epoch when the pool drains.
+        raise TypeError("a target stream has no length")
 
 
 class OutputTargetsDataModule(L.LightningDataModule):
@@ -56,8 +41,17 @@ class OutputTargetsDataModule(L.LightningDataModule):
 
     `batch_size` is the number of slots: targets optimised at once, one optimisation step each per
     training step; a target that matches or runs out of steps leaves its slot to the next one. With
-    several processes each rank gets its own round-robin shard of the targets still to do (those in
-    the results file are skipped).
+    several processes each rank gets its own shard of the targets still to do (those in the results
+    file are skipped).
+
+    Args:
+        targets_file: target continuations: `.txt` (one per line) or `.jsonl` (`text` or `ids`, optional `id`).
+        difficulty_k: the paper's difficulty-k protocol instead (or as well), e.g. [1, 6, 11].
+        per_k: targets per k.
+        target_length: tokens per difficulty-k target.
+        difficulty_seed: seed of the difficulty-k targets.
+        batch_size: target slots optimised at once.
+        limit: invert only the first N targets (null: all).
     """
 
     def __init__(
@@ -79,7 +73,7 @@ class OutputTargetsDataModule(L.LightningDataModule):
         if limit is not None and limit < 1:
             raise InversionError(f"--data.limit must be at least 1, or null for all targets (got {limit})")
         self.targets: list[OutputTarget] = []  # this rank's shard, still to do
-        self.ticks = 1
+        self.step_bound = 0  # pool steps the largest shard needs at most (the progress bar's total)
 
     def build_targets(self, loaded: LoadedModel) -> list[OutputTarget]:
         h = self.hparams
@@ -102,10 +96,8 @@ class OutputTargetsDataModule(L.LightningDataModule):
         module.announce_targets(len(targets), len(todo))
         rank, world = self.trainer.global_rank, self.trainer.world_size
         self.targets = [t for t in shard(todo, rank, world, size=lambda t: len(t.ids)) if t is not None]
-        # The same count on every rank (the largest shard's bound), so ranks stay in step; at least one
-        # tick, so a run with nothing to do still ends through the module's hooks.
         largest = math.ceil(len(todo) / world)
-        self.ticks = max(1, max_pool_steps(largest, self.hparams.batch_size, module.config.num_steps))
+        self.step_bound = max_pool_steps(largest, self.hparams.batch_size, module.config.num_steps)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(TickDataset(self.targets, self.ticks), batch_size=1, collate_fn=_unwrap)
+        return DataLoader(TargetStream(self.targets), batch_size=None)

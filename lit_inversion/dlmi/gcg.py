@@ -21,8 +21,7 @@ from torch import nn
 
 from lit_inversion.dlmi import search
 from lit_inversion.dlmi.batch import StepStats, TargetBatch
-from lit_inversion.dlmi.search import is_out_of_memory, map_with_backoff  # noqa: F401 (re-exported)
-from lit_inversion.dlmi.vocab import allowed_tokens, retokenization_mask  # noqa: F401 (re-exported)
+from lit_inversion.dlmi.vocab import retokenization_mask
 from lit_inversion.errors import InversionError
 from lit_inversion.metrics import lcs_ratio
 from lit_inversion.tokens import encode

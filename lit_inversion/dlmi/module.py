@@ -4,8 +4,9 @@ Continuous batching (`TargetPool`): `--data.batch_size` slots each hold one targ
 step steps each occupied slot once and runs a target's honest check every `check_every` of its own
 steps and at its last. A target leaves its slot as soon as it matches or runs out of `num_steps`: its
 record is appended to the results file at once and the next queued target takes the slot in the same
-step. The dataloader's first tick brings this rank's targets; the epoch ends when the pool and queue
-are empty on every rank (`on_train_batch_start` returns -1 after an all-reduce of that flag: ranks
+step. The module pulls this rank's targets from the dataloader at the first step
+(`training_step(dataloader_iter)`, Lightning's way to fetch in the step); the epoch ends when the
+pool and queue are empty on every rank (`on_train_batch_start` returns -1 after an all-reduce of that flag: ranks
 that finish early run no-op steps, so every rank runs the same steps and Lightning's collectives
 stay in step). Lightning's progress bar and `global_step` count optimisation steps.
 
@@ -26,7 +27,6 @@ import torch
 from lit_inversion.dlmi.batch import DlmiResult
 from lit_inversion.dlmi.config import CONFIGS, DlmiConfig, OutputConfig, method_config
 from lit_inversion.console import say
-from lit_inversion.dlmi.data import OutputTarget
 from lit_inversion.dlmi.pool import PoolStep, TargetPool
 from lit_inversion.distributed import merge_across_ranks
 from lit_inversion.errors import InversionError
@@ -106,24 +106,32 @@ class DlmiModule(InversionJob):
         self.pool = TargetPool(self.load(), self.config, slots)
         self.pool.load_state_dict(self._saved_slots)
         self._saved_slots = {}
-        # Lightning counts global_step in LightningOptimizer.step calls; the slots' optimisers are per
-        # target (made and dropped with each target; the swap search has none), so the pool counts its
-        # steps itself. The step count continues across a resume (Lightning's loop state is not restored:
-        # job.on_load_checkpoint).
+        self._to_fetch = len(self.trainer.datamodule.targets)  # this rank's targets, pulled at the first step
+        # Lightning counts global_step in steps of optimisers it was given; the slots' optimisers are made
+        # and dropped per target (the swap search has none), so the pool's steps are counted here, and
+        # continue across a resume (Lightning's loop state is not restored: job.on_load_checkpoint).
         self._step_progress().total.ready = self._step_progress().total.completed = self.optimisation_steps
 
     def _step_progress(self):
         return self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
 
-    def on_train_batch_start(self, arrivals: list[OutputTarget], batch_idx: int) -> int | None:
-        self.pool.enqueue(arrivals, skip=self.finished_ids())
+    def progress_total(self) -> int | None:
+        """The progress bar's total: the pool steps the largest rank's targets need at most."""
+        return self.trainer.datamodule.step_bound
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> int | None:
         # Every rank must leave the loop at the same step (Lightning's collectives, checkpoint gathers):
         # stop only when no rank has a target left.
-        if self.trainer.strategy.reduce_boolean_decision(self.pool.empty, all=True):
+        if self.trainer.strategy.reduce_boolean_decision(self.pool.empty and self._to_fetch == 0, all=True):
             return -1
         return None
 
-    def training_step(self, arrivals: list[OutputTarget], batch_idx: int) -> None:
+    def training_step(self, dataloader_iter) -> None:
+        """One optimisation step of every occupied slot; this rank's targets join the queue at the first."""
+        while self._to_fetch:
+            target, _, _ = next(dataloader_iter)
+            self._to_fetch -= 1
+            self.pool.enqueue([target], skip=self.finished_ids())
         self.optimisation_steps += 1
         self._step_progress().increment_ready()
         if not self.pool.empty:  # else a no-op step: other ranks still have targets
@@ -173,6 +181,9 @@ class DlmiModule(InversionJob):
         say(f"[{name}] {'EXACT' if result.exact_match else 'partial'} lcs={result.lcs_ratio:.2f} "
             f"soft_lcs={result.soft_lcs_ratio:.2f} steps={result.steps} {result.seconds:.1f}s "
             f"prompt={result.prompt_text!r} -> {result.output_text!r}")
+
+    def run_metrics(self) -> dict:
+        return {"dlmi/run_exact_match_rate": self.exact_match, "dlmi/run_honest_lcs": self.lcs}
 
     def summarize(self, records: list[dict]) -> str:
         label = self.config.label

@@ -24,10 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils.memory import should_reduce_batch_size
 from torch import nn
 
 from lit_inversion.errors import InversionError
-from lit_inversion.metrics import lcs_length  # noqa: F401 (search.lcs_length: the copy limit's DP)
+from lit_inversion.metrics import lcs_length
 
 try:  # the cache class that lets candidates share the prompt prefix
     from transformers import DynamicCache
@@ -141,23 +142,19 @@ def _standardise(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True).clamp(min=1e-12)
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    message = str(error).lower()  # older or other allocators raise a plain RuntimeError
-    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
-
-
 def map_with_backoff(fn: Callable[[int, int], object], total: int, batch_size: int) -> tuple[list, int]:
     """[fn(start, end) for consecutive slices of range(total)], halving the slice on out-of-memory
-    and retrying the failed slice. Returns the results and the slice size that worked."""
+    and retrying the failed slice. Returns the results and the slice size that worked.
+
+    accelerate decides what is out-of-memory; its find_executable_batch_size is not used because it
+    re-runs every slice after a failure and collects garbage on each call (every GCG step)."""
     results, start = [], 0
     while start < total:
         end = min(total, start + batch_size)
         try:
             results.append(fn(start, end))
         except Exception as error:
-            if not is_out_of_memory(error):
+            if not should_reduce_batch_size(error):
                 raise
             if batch_size == 1:
                 raise InversionError("out of memory scoring a single GCG candidate: use a shorter prompt_length "

@@ -174,7 +174,21 @@ def _single(batch: list[StateTarget | None]) -> StateTarget | None:
 
 
 class HiddenStatesDataModule(L.LightningDataModule):
-    """Yields one `StateTarget` per step. Targets already in the results file are skipped."""
+    """Yields one `StateTarget` per step. Targets already in the results file are skipped.
+
+    Args:
+        layer: the layer the states come from (Hugging Face indexing: 0 = embeddings; the last layer is
+            taken before the final norm).
+        prompts_file: prompts whose states are computed: `.txt` (one per line) or `.jsonl` (`text` or `ids`).
+        states_file: captured states, `.safetensors` or `.pt`, `[T, d]` or `[B, T, d]` (with
+            `attention_mask` or `lengths` beside a padded batch); no true ids: the real attack.
+        num_random: this many random-token prompts.
+        random_length: the random prompts' length in tokens.
+        num_tokens: cut every target to its first N positions.
+        limit: invert only the first N targets (null: all).
+        random_seed: seed of the random prompts.
+        capture_dtype: the dtype the model ran in when the states were captured: float32, bfloat16 or float16.
+    """
 
     def __init__(
         self,

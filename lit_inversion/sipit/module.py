@@ -142,6 +142,9 @@ class SipItModule(InversionJob):
         say(f"[{target.id}] {status} {len(result.recovered_ids)} tokens in {result.seconds:.1f}s "
               f"({float(tested.mean()):.0f} candidates/token): {record['recovered_text']!r}")
 
+    def run_metrics(self) -> dict:
+        return {"sipit/run_exact_match_rate": self.exact_match, "sipit/run_token_accuracy": self.token_accuracy}
+
     def summarize(self, records: list[dict]) -> str:
         scored = [r for r in records if r["true_ids"] is not None]
         tokens = sum(len(r["recovered_ids"]) for r in records)
