@@ -7,6 +7,15 @@
         --methods paper dlmi-relaxed dlmi --threads 2   # a step's cost vs the model's own forward+backward
     python benchmarks/dlmi.py --throughput 1 4 8 --ks 1 6 11 16 --per-k 2 --steps 8 --prompt-lengths 20 \
         --methods dlmi --threads 2   # per-target seconds per step at batch sizes 1, 4 and 8
+    python benchmarks/dlmi.py --budgets 500 1000 2000 4000 --reachable 4 --ks 1 6 11 --per-k 1 \
+        --prompt-lengths 20 --methods dlmi gcg-nano gcg-scaled paper null --threads 2   # budget curves
+
+Budget curves (`--budgets`): every method gets the same number of candidate evaluations per target
+(a prompt scored by a forward pass; a gradient pass counts as 3), and each target's honest LCS, exact
+match and lead (the right target prefix under greedy decoding) are recorded as the budget passes each
+mark. Targets: `--reachable` fresh reachable ones (half natural-text, half random prompts; a known
+non-copying solution exists) and the shipped difficulty-k ones. `null` is no optimisation at all: N
+newline tokens as the prompt.
 
 Methods run in the same process on the same targets: `paper` (the paper's DLMI alone,
 `DlmiConfig.paper()`: float32, learned decoupled tau, final argmax Z) is the baseline; `dlmi` is
@@ -211,6 +220,103 @@ def run_throughput(args, loaded, targets: list[dict]) -> None:
                                                      "rows": rows}, indent=1))
 
 
+def evals_per_step(config) -> int:
+    """Candidate evaluations one step of `config` spends: prompts scored by a forward, a gradient pass as 3."""
+    if config.method == "gcg":
+        return config.search_width + 3
+    if config.method == "reinforce":
+        return config.samples  # forwards only (the score function needs no backward through the model)
+    if config.refine_fraction >= 1.0:
+        return config.refine_candidates + 3
+    if config.refine_fraction <= 0.0:
+        return 3 * config.gumbel_samples
+    raise SystemExit("--budgets: a method that mixes phases has no fixed cost per step")
+
+
+def lead_of(output: list[int], target: list[int]) -> int:
+    lead = 0
+    while lead < len(target) and lead < len(output) and output[lead] == target[lead]:
+        lead += 1
+    return lead
+
+
+def budget_curve(loaded, target: dict, name: str, make, args, n: int) -> list[dict]:
+    """One target under one method: the honest result each time the spent evaluations pass a budget."""
+    from lit_inversion.dlmi.batch import check_batches, greedy_decode
+    from lit_inversion.metrics import lcs_ratio
+
+    ids, budgets = list(target["ids"]), sorted(args.budgets)
+    start = time.perf_counter()
+    if name == "null":  # no optimisation: the model's continuation of N newlines
+        newline = loaded.tokenizer("\n", add_special_tokens=False)["input_ids"][0]
+        prompt = [loaded.bos_id] * (loaded.bos_id is not None) + [newline] * n
+        out = greedy_decode(loaded.model, torch.tensor([prompt]), len(ids))[0].tolist()
+        row = dict(honest=lcs_ratio(out, ids), exact=out == ids, lead=lead_of(out, ids) / len(ids), copied=0.0,
+                   evals=0, seconds=time.perf_counter() - start, prompt=loaded.tokenizer.decode(prompt[-n:]),
+                   output=loaded.tokenizer.decode(out))
+        return [dict(row, budget=b) for b in budgets]
+    config = make(args, prompt_length=n, num_steps=1)
+    per_step = evals_per_step(config)
+    config = make(args, prompt_length=n, num_steps=math.ceil(budgets[-1] / per_step))
+    batch = make_batch(loaded, [ids], config, keys=[target["id"]])
+    rows, spent = [], 0
+    while budgets[len(rows):]:
+        stepped = not batch.finished
+        if stepped:
+            batch.step()
+            spent += per_step
+            if batch.check_due:  # the job's own checks: every check_every steps, and on a teacher-forced match
+                check_batches([batch])
+        while budgets[len(rows):] and (spent >= budgets[len(rows)] or not stepped):
+            check_batches([batch])  # the answer at this budget (keep_best methods: the best checked so far)
+            r = batch.result(0)
+            rows.append(dict(budget=budgets[len(rows)], evals=spent, honest=r.lcs_ratio, exact=r.exact_match,
+                             lead=lead_of(r.output_ids, ids) / len(ids), copied=r.prompt_target_lcs,
+                             seconds=time.perf_counter() - start, prompt=r.prompt_text, output=r.output_text))
+    return rows
+
+
+def run_budgets(args, loaded, targets: list[dict]) -> None:
+    from lit_inversion.dlmi.targets import make_reachable_targets
+
+    kinds = [dict(t, kind=f"k = {t['k']}") for t in targets]
+    if args.reachable:
+        sources = [line.strip() for line in (ROOT / "data/seed_sentences.txt").read_text().splitlines() if line.strip()]
+        fresh = make_reachable_targets(loaded, args.reachable, prompt_length=20, length=20, seed=args.reachable_seed,
+                                       sources=sources)
+        kinds = [dict(t, kind=f"reachable {t['kind']}") for t in fresh] + kinds
+    print(f"DLMI budget curves | model {args.model} | {hardware()} | torch {torch.__version__} | "
+          f"{len(kinds)} targets | budgets {args.budgets} evaluations", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in args.prompt_lengths:
+        for t in kinds:
+            for name in args.methods:
+                make = METHODS.get(name)
+                for r in budget_curve(loaded, t, name, make, args, n):
+                    rows.append(dict(r, id=t["id"], kind=t["kind"], method=name, N=n))
+                last = rows[-1]
+                print(f"  N={n} {t['kind']} {t['id']} {name}: honest={last['honest']:.2f} lead={last['lead']:.2f} "
+                      f"exact={last['exact']} {last['seconds']:.0f}s {last['prompt']!r} -> {last['output']!r}",
+                      flush=True)
+                (out / "dlmi_budget.json").write_text(json.dumps(
+                    {"hardware": hardware(), "model": args.model, "budgets": sorted(args.budgets),
+                     "gcg_width": args.gcg_width, "reachable_seed": args.reachable_seed, **run_record(),
+                     "rows": rows}, indent=1))
+    print(f"\n### Budget curves, {args.model}, {hardware()}: mean honest LCS (exact) per target kind\n")
+    for kind in dict.fromkeys(t["kind"] for t in kinds):
+        print(f"| {kind} | " + " | ".join(f"{b} evals" for b in sorted(args.budgets)) + " |")
+        print("|---|" + "---|" * len(args.budgets))
+        for name in args.methods:
+            cells = []
+            for b in sorted(args.budgets):
+                rs = [r for r in rows if r["kind"] == kind and r["method"] == name and r["budget"] == b]
+                cells.append(f"{statistics.mean(r['honest'] for r in rs):.2f} ({sum(r['exact'] for r in rs)}/{len(rs)})")
+            print(f"| {name} | " + " | ".join(cells) + " |")
+        print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -221,7 +327,7 @@ def main() -> None:
     parser.add_argument("--per-k", type=int, default=2, help="targets per k (the set has 5)")
     parser.add_argument("--ids", nargs="+", default=None, help="these target ids instead of --ks/--per-k (e.g. k1-1 k6-1)")
     parser.add_argument("--batch-size", type=int, default=1, help="targets optimised together")
-    parser.add_argument("--methods", nargs="+", default=["paper", "dlmi"], choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=["paper", "dlmi"], choices=[*METHODS, "null"])
     parser.add_argument("--gcg-width", type=int, default=64, help="GCG search width (nanoGCG: 512; CPU: smaller)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="runs/bench-dlmi")
@@ -237,6 +343,11 @@ def main() -> None:
                         help="the method the ratio columns divide by (e.g. gcg-nano for the GCG comparison)")
     parser.add_argument("--throughput", type=int, nargs="+", default=None, metavar="B",
                         help="measure per-target seconds per step at these batch sizes instead of the tables")
+    curve = parser.add_argument_group("budget curves (--budgets): results at equal candidate evaluations")
+    curve.add_argument("--budgets", type=int, nargs="+", default=None, metavar="EVALS",
+                       help="record every target's honest result as the spent evaluations pass these marks")
+    curve.add_argument("--reachable", type=int, default=0, help="fresh reachable targets to add (half natural)")
+    curve.add_argument("--reachable-seed", type=int, default=21)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -256,6 +367,9 @@ def main() -> None:
         targets = [t for k in args.ks for t in [r for r in rows if r["k"] == k][: args.per_k]]
     if args.throughput:
         run_throughput(args, loaded, targets)
+        return
+    if args.budgets:
+        run_budgets(args, loaded, targets)
         return
     print(f"DLMI benchmark | model {args.model} | {hardware()} | torch {torch.__version__} | "
           f"{len(targets)} targets, M = 20, {args.steps} steps"
