@@ -31,22 +31,47 @@ def _tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def make_tiny_model(directory: Path, arch: str = "llama", layers: int = 4, vocab_size: int = TINY_VOCAB,
-                    context: int = 64, seed: int = 0) -> Path:
-    """Save a tiny random model and tokenizer to `directory` and return it."""
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+ARCHS = ("llama", "llama-untied", "gemma3", "mistral", "gpt2")
+
+
+def tiny_config(arch: str = "llama", layers: int = 4, vocab_size: int = TINY_VOCAB, context: int = 64):
+    """The Hugging Face config of a tiny model (d = 32) of one of ARCHS: the one place tests define one."""
+    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig
+
+    shared = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context, bos_token_id=1,
+                  eos_token_id=2)
+    if arch in ("llama", "llama-untied"):
+        return LlamaConfig(**shared, tie_word_embeddings=arch == "llama")
+    if arch == "gemma3":  # embeddings scaled by sqrt(d); local layers see a 4-token window
+        return Gemma3TextConfig(**shared, pad_token_id=0, head_dim=8, sliding_window=4, query_pre_attn_scalar=8,
+                                layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                             "sliding_attention"][:layers])
+    if arch == "mistral":  # every layer sliding, window 3
+        return MistralConfig(**shared, sliding_window=3, tie_word_embeddings=False)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=layers, n_head=4, n_positions=context,
+                          bos_token_id=1, eos_token_id=2)
+    raise ValueError(f"unknown tiny arch {arch!r}: one of {ARCHS}")
+
+
+def tiny_model(arch: str = "llama", layers: int = 4, vocab_size: int = TINY_VOCAB, context: int = 64, seed: int = 0,
+               embedding_scale: float = 1.0):
+    """A tiny random model. Its embeddings are N(0, embedding_scale^2), wider than the default init, so
+    token states are well separated (a scale far above 1 pushes the residual stream out of float16's range)."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    if arch == "llama":
-        config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-                             bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    else:
-        config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=layers, n_head=4, n_positions=context,
-                            bos_token_id=1, eos_token_id=2)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # wider embeddings than the default init, so token states are well separated
-        model.get_input_embeddings().weight.normal_(0, 1.0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, layers, vocab_size, context))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0, 1.0).mul_(embedding_scale)
+    return model
+
+
+def make_tiny_model(directory: Path, arch: str = "llama", layers: int = 4, vocab_size: int = TINY_VOCAB,
+                    context: int = 64, seed: int = 0, embedding_scale: float = 1.0) -> Path:
+    """Save a tiny random model (`tiny_model`) and its word-level tokenizer to `directory`."""
+    model = tiny_model(arch, layers, vocab_size, context, seed, embedding_scale)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     _tokenizer(vocab_size).save_pretrained(directory)

@@ -15,43 +15,15 @@ from lit_inversion.models import _content_key
 from lit_inversion.sipit.table import first_position_table
 from lit_inversion.states import LayerProbe
 from lit_inversion.tokens import context_prefix
-from tests.conftest import TINY_VOCAB, _tokenizer
+from tests.conftest import TINY_VOCAB, make_tiny_model
 
 FLOAT16_MAX = 65504.0
 
 
-def _config(arch: str):
-    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig
-
-    shared = dict(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1,
-                  eos_token_id=2, pad_token_id=0)
-    if arch in ("llama-tied", "llama-untied", "llama-huge"):
-        return LlamaConfig(**shared, tie_word_embeddings=arch != "llama-untied")
-    if arch == "gemma3":  # embeddings scaled by sqrt(d); local layers see a 4-token window of a 12-token prompt
-        return Gemma3TextConfig(**shared, head_dim=8, sliding_window=4, query_pre_attn_scalar=8,
-                                layer_types=["sliding_attention", "sliding_attention", "full_attention",
-                                             "sliding_attention"])
-    if arch == "mistral":  # every layer sliding, window 3
-        return MistralConfig(**shared, sliding_window=3, tie_word_embeddings=False)
-    return GPT2Config(vocab_size=TINY_VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=64, bos_token_id=1,
-                      eos_token_id=2)
-
-
 def _tiny(directory: Path, arch: str) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_config(arch))
-    with torch.no_grad():
-        embedding = model.get_input_embeddings().weight
-        embedding.normal_(0, 1.0)
-        if arch == "llama-huge":  # a residual stream far beyond float16's range from the first layer on
-            embedding.mul_(3e5)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    _tokenizer(TINY_VOCAB).save_pretrained(directory)
-    return directory
+    if arch == "llama-huge":  # a residual stream far beyond float16's range from the first layer on
+        return make_tiny_model(directory, "llama", embedding_scale=3e5)
+    return make_tiny_model(directory, {"llama-tied": "llama"}.get(arch, arch))
 
 
 ARCHS = ["llama-tied", "llama-untied", "llama-huge", "gemma3", "mistral", "gpt2"]

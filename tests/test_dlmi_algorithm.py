@@ -10,6 +10,7 @@ import torch
 from lit_inversion.dlmi import DlmiBatch, DlmiConfig, greedy_decode
 from lit_inversion.dlmi.batch import repeat_prompt
 from lit_inversion.dlmi.pool import invert_outputs
+from tests.conftest import make_tiny_model
 from tests.conftest import step_to_end as run_batch
 from lit_inversion.dlmi.targets import make_difficulty_targets, perplexity, read_jsonl, write_jsonl
 from lit_inversion.errors import InversionError
@@ -21,23 +22,7 @@ BOS = 1
 
 
 def _tiny_llama(directory, seed: int = 0):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                         bos_token_id=BOS, eos_token_id=2, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # wide embeddings: a less degenerate random model
-        model.get_input_embeddings().weight.normal_(0, 1.0)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    model.save_pretrained(directory)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(directory)
-    return load_model(str(directory))
+    return load_model(str(make_tiny_model(directory, "llama", layers=2, vocab_size=VOCAB, context=32, seed=seed)))
 
 
 @pytest.fixture(scope="module")

@@ -19,17 +19,11 @@ def big_vocab():
     """A 2-layer, d = 32 Llama whose embedding and LM head have 262,144 rows. Its tokenizer names only
     the first 96 ids (a 262k-entry tokenizer takes ~10 s to build and decode); the relaxation and the
     model's cost do not depend on it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tests.conftest import TINY_VOCAB, _tokenizer
+    from tests.conftest import TINY_VOCAB, _tokenizer, tiny_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=BIG_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         bos_token_id=BOS, eos_token_id=2, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    model = tiny_model("llama", layers=2, vocab_size=BIG_VOCAB).eval().requires_grad_(False)
     yield LoadedModel(model=model, tokenizer=_tokenizer(TINY_VOCAB), name="tiny-262k")
     torch.set_num_threads(threads)
 
