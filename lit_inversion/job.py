@@ -36,12 +36,12 @@ class InversionJob(L.LightningModule):
     def load(self) -> LoadedModel:
         if self._loaded is None:
             device = self.trainer.strategy.root_device if self._trainer is not None else self.device
-            self._loaded = load_model(self._model_name_or_path, device=device, dtype=self.model_dtype(device))
+            self._loaded = load_model(self._model_name_or_path, device=device, dtype=self.model_dtype())
         return self._loaded
 
-    def model_dtype(self, device) -> str:
-        """The dtype the frozen LM is loaded in (`--model.dtype`; "auto": float32)."""
-        return "float32" if self._dtype == "auto" else self._dtype
+    def model_dtype(self) -> str:
+        """The dtype the frozen LM is loaded in (`--model.dtype`; "auto": `precision.weights_dtype`'s rule)."""
+        return self._dtype
 
     @property
     def writer(self) -> ResultsWriter:

@@ -82,13 +82,10 @@ def load_model(
     The weights are built in `dtype` straight on `device` (an 8B model never passes through host RAM
     in float32); "auto" is bfloat16 on CUDA (float16 where bf16 is not supported), else float32.
     """
-    from lit_inversion.precision import resolve_dtype
+    from lit_inversion.precision import weights_dtype
 
     device = torch.device(device)
-    if dtype == "auto":  # the weights' dtype: half only on a GPU (a CPU's bf16 units speed up matmuls, not storage)
-        dtype = resolve_dtype(dtype, device) if device.type == "cuda" else torch.float32
-    elif isinstance(dtype, str):
-        dtype = resolve_dtype(dtype, device)
+    dtype = weights_dtype(dtype, device)
     name = str(model_name_or_path)
     if name == DEFAULT_MODEL:
         source = _converted_gguf(packaged_smollm2_gguf())

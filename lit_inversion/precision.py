@@ -32,6 +32,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def weights_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a frozen model's weights load in: "auto" is half only on a GPU (a CPU's bf16 units
+    speed up matmuls, not storage), so bfloat16 on CUDA (float16 where bf16 is not supported), else float32."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto" and torch.device(device).type != "cuda":
+        return torch.float32
+    return resolve_dtype(name, torch.device(device))
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -83,13 +83,6 @@ class DlmiModule(InversionJob):
         self._finished_rows: list[list[str]] = []
         self._saved_slots: dict[str, dict] = {}  # in-flight targets restored from a checkpoint
 
-    def model_dtype(self, device) -> str:
-        """"auto": bfloat16 on a GPU (the optimisation and the honest check run in the dtype served), else
-        float32 (a CPU without bf16 units emulates it several times slower)."""
-        if self._dtype != "auto":
-            return self._dtype
-        return "bfloat16" if torch.device(device).type == "cuda" else "float32"
-
     @property
     def checkpoint_interval(self) -> int:
         """Steps between `last.ckpt` saves (`LastCheckpoint` asks)."""

@@ -80,6 +80,9 @@ class SipItModule(InversionJob):
         self._target_rows: list[list[str]] = []  # TensorBoard's table of every target so far
         self.positions_done = 0
 
+    def model_dtype(self) -> str:
+        return "float32"  # exact verification needs float32 weights (low-precision captures get a cast copy)
+
     def probe(self, layer: int) -> LayerProbe:
         if layer not in self._probes:
             self._probes[layer] = LayerProbe(self.load(), layer)
