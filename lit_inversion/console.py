@@ -21,12 +21,12 @@ _HARMLESS_WARNINGS = (
     # Our datasets are iterable so that Lightning injects no distributed sampler (see distributed.py);
     # their length is exact because they are never split across workers.
     r"Your .IterableDataset. has .__len__. defined",
-    # DLMI's step pulls its targets (training_step(dataloader_iter)): Lightning marks that API experimental.
+    # DLMI's step pulls its targets (training_step(dataloader_iter)): Lightning marks that API experimental,
+    # and says hooks' batch_idx then counts fetched items (no hook of ours reads it).
     r"Found .dataloader_iter. argument in the .training_step.",
+    r"You are using the .dataloader_iter. step flavor",
     # Emitted inside Lightning on this torch version; nothing in our code uses LeafSpec.
     r".*isinstance\(treespec, LeafSpec\). is deprecated",
-    # Logging cadence is ours (per target / per step), not Lightning's epoch interval.
-    r"The number of training batches .* is smaller than the logging interval",
     # A rerun with every target already done: we print our own line saying so.
     r"Total length of .* across ranks is zero",
     # Our iterable datasets already hold the targets in memory: workers would only add start-up time.
@@ -76,6 +76,11 @@ class InversionProgressBar(TQDMProgressBar):
         super().on_train_epoch_start(trainer, *args)
         self.train_progress_bar.set_description(self.unit)
         self.train_progress_bar.unit = self.unit.split()[-1]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        # Count steps, not fetched items: DLMI's step pulls all its targets at the first step.
+        steps = trainer.fit_loop.epoch_loop.batch_progress.current.completed + 1  # this step is not counted yet
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, steps - 1)
 
     @property
     def total_train_batches(self) -> int | float:
