@@ -44,6 +44,7 @@ METHOD_NAMES = {
     "gcg": "GCG",
     "gcg-scaled": "GCG (nanoGCG defaults, width scaled)",
     "gcg-nano": "GCG (nanoGCG defaults, width 512)",
+    "null": "null prompt (no optimisation)",
 }
 # Methods with a temperature worth plotting: GCG is discrete (tau 0), REINFORCE samples softmax(Z) (tau 1).
 TAU_METHODS = ("paper", "dlmi", "dlmi-repeat", "gbda")
@@ -53,13 +54,15 @@ PAGES = {
     "sipit.md": ("SIP-It: hidden states to prompt", "SIP-It vs brute force vs HardPrompts (PEZ), per-candidate "
                  "costs, ranking ablation, low-precision captures", ("sipit", "capture")),
     "dlmi.md": ("DLMI: output to prompt", "DLMI and the output-inversion baselines (GCG, GBDA, REINFORCE), "
-                "ablations, throughput, step cost", ("dlmi", "dlmi-throughput", "dlmi-step-cost")),
+                "budget curves, ablations, throughput, step cost",
+                ("dlmi-budget", "dlmi", "dlmi-throughput", "dlmi-step-cost")),
     "robustness.md": ("SIP-It on noisy and rounded states", "token recovery against Gaussian noise and rounding",
                       ("robustness",)),
     "memory.md": ("SIP-It's memory", "peak memory beyond the weights, measured and on paper", ("memory",)),
     "precision.md": ("bf16 against float32", "what bf16 costs or gains, both methods", ("precision",)),
 }
 WRITER = {"sipit": "sipit.py", "capture": "capture.py", "dlmi": "dlmi.py", "dlmi-throughput": "dlmi.py --throughput",
+          "dlmi-budget": "dlmi.py --budgets",
           "dlmi-step-cost": "dlmi.py --step-cost", "robustness": "robustness.py", "memory": "memory.py",
           "precision": "precision.py"}
 
@@ -121,7 +124,7 @@ def kind_of(data: dict, path: Path) -> str:
     if "measured" in data and "on_paper" in data:
         return "memory"
     first = (data.get("rows") or [{}])[0]
-    for kind, keys in (("sipit", {"mean_s_per_token", "kind"}), ("dlmi-throughput", {"s_per_target_step"}),
+    for kind, keys in (("dlmi-budget", {"budget", "evals", "lead"}), ("sipit", {"mean_s_per_token", "kind"}), ("dlmi-throughput", {"s_per_target_step"}),
                        ("dlmi-step-cost", {"forward_backward"}), ("dlmi", {"honest", "k", "N"}),
                        ("robustness", {"setting", "recovery"}), ("capture", {"verify_in", "certified"}),
                        ("precision", {"method", "dtype"})):
@@ -510,6 +513,69 @@ def section_dlmi(source: Source, figures: Figures) -> list[str]:
     return lines
 
 
+def budget_cell(rs: list[dict]) -> str:
+    return (f"{statistics.mean(r['honest'] for r in rs):.2f} · {sum(bool(r['exact']) for r in rs)}/{len(rs)} · "
+            f"lead {statistics.mean(r['lead'] for r in rs):.2f}")
+
+
+def budget_summary(source: Source) -> tuple[str | None, list[list[str]]]:
+    """At the largest budget, over every target: per method honest LCS, exact, lead, seconds, and the
+    honest LCS against GCG's (the first GCG variant present)."""
+    rows, top = source.rows, max(source.data["budgets"])
+    last = [r for r in rows if r["budget"] == top]
+    gcg = next((m for m in ("gcg-nano", "gcg-scaled", "gcg") if any(r["method"] == m for r in last)), None)
+    base = statistics.mean(r["honest"] for r in last if r["method"] == gcg) if gcg else None
+    out = []
+    for method in methods_of(last):
+        rs = [r for r in last if r["method"] == method]
+        honest = statistics.mean(r["honest"] for r in rs)
+        out.append([method_name(method), f"{honest:.2f}", f"{sum(bool(r['exact']) for r in rs)}/{len(rs)}",
+                    f"{statistics.mean(r['lead'] for r in rs):.2f}", seconds(statistics.mean(r["seconds"] for r in rs)),
+                    "–" if not base else f"{honest / base:.2f}x"])
+    return gcg, out
+
+
+def section_budget(source: Source, figures: Figures) -> list[str]:
+    rows, budgets = source.rows, sorted(source.data["budgets"])
+    lines = [f"## Budget curves: equal candidate evaluations (`{source.name}`)", "",
+             "Every method gets the same candidate evaluations per target (a prompt scored by a forward pass; a "
+             "gradient pass counts as 3). Each cell: mean honest LCS · exact matches · mean lead (the right target "
+             "prefix under greedy decoding, as a fraction of M), over the targets of the kind, as the spent "
+             "evaluations pass the budget. Reachable targets are greedy continuations of a fresh 20-token prompt "
+             "(natural text or random tokens) that does not copy them; `null` is N newline tokens.", ""]
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        of_kind = [r for r in rows if r["kind"] == kind]
+        slug = kind.replace("=", "").replace(" ", "_").replace("__", "_")
+        lines += figures.add(f"{source.stem}_{slug}", lambda plt, of_kind=of_kind, kind=kind: figure_budget(plt, of_kind, kind),
+                             f"Honest LCS against the budget, {kind}")
+        table_rows = [[method_name(m)] + [budget_cell([r for r in of_kind if r["method"] == m and r["budget"] == b])
+                                          for b in budgets] for m in methods_of(of_kind)]
+        lines += captioned(f"{kind}, {len({r['id'] for r in of_kind})} targets", source.runs[0],
+                           ["method"] + [f"{b} evaluations" for b in budgets], table_rows)
+    gcg, summary = budget_summary(source)
+    lines += captioned(f"At {budgets[-1]} evaluations, every target (ratio against {method_name(gcg) if gcg else 'GCG'})",
+                       source.runs[0], ["method", "honest LCS", "exact", "lead", "seconds per target",
+                                        "honest LCS vs GCG"], summary)
+    return lines
+
+
+def figure_budget(plt, rows: list[dict], kind: str):
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    budgets = sorted({r["budget"] for r in rows})
+    for method in methods_of(rows):
+        ax.plot(budgets, [statistics.mean(r["honest"] for r in rows if r["method"] == method and r["budget"] == b)
+                          for b in budgets], marker="o", label=method_name(method))
+    ax.set_xscale("log")
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.set_xlabel("candidate evaluations per target")
+    ax.set_ylabel("honest LCS ratio")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(kind)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def section_throughput(source: Source) -> list[str]:
     rows = []
     for r in source.rows:
@@ -671,6 +737,8 @@ def page_lines(page: str, sources: list[Source], figures: Figures) -> list[str]:
         lines += section_sipit(of("sipit"), figures) if of("sipit") else []
         lines += section_capture(of("capture")) if of("capture") else []
     elif page == "dlmi.md":
+        for source in of("dlmi-budget"):
+            lines += section_budget(source, figures)
         if of("dlmi"):
             lines += ["Table B: honest LCS ratio (greedy decode from the discrete prompt, scored against the target), "
                       "exact matches, steps and seconds to success (mean over the exact matches; seconds = steps × the "
@@ -713,6 +781,43 @@ def index_lines(sources: list[Source], pages: list[str]) -> list[str]:
     return lines + table(["JSON", "page", "written by", "model", "hardware", "date", "command"], rows)
 
 
+README = ROOT / "README.md"
+README_BEGIN = "<!-- results: generated by python benchmarks/report.py from docs/results/data; do not edit -->"
+README_END = "<!-- end of generated results -->"
+
+
+def readme_block(sources: list[Source]) -> str:
+    """The README's headline tables: SIP-It per layer, and output inversion at the largest equal budget."""
+    lines = [README_BEGIN, ""]
+    sipit = ([s for s in sources if s.kind == "sipit" and s.stem == "sipit_heldout"]
+             or [s for s in sources if s.kind == "sipit" and s.stem == "sipit_20"])
+    if sipit:
+        source = sipit[0]
+        rows = [[str(r["layer"]), f"{r['prompts']} {r['kind']}", f"{round(r['exact'] * r['prompts'])}/{r['prompts']}",
+                 f"{r['mean_s_per_token']:.2f}", f"{r['mean_candidates']:.0f} ({r['max_candidates']})"]
+                for r in source.rows]
+        lines += captioned(f"SIP-It, {source.data.get('length', '?')}-token prompts", source.runs[0],
+                           ["layer", "prompts", "exact", "s/token", "candidates/token, mean (max)"], rows)
+    budget = [s for s in sources if s.kind == "dlmi-budget"]
+    if budget:
+        source = budget[0]
+        gcg, rows = budget_summary(source)
+        kinds = ", ".join(f"{len({r['id'] for r in source.rows if r['kind'] == k})} {k}"
+                          for k in dict.fromkeys(r["kind"] for r in source.rows))
+        lines += captioned(f"Output → prompt at {max(source.data['budgets'])} candidate evaluations per target "
+                           f"({kinds})", source.runs[0],
+                           ["method", "honest LCS", "exact", "lead", "seconds per target", "honest LCS vs GCG"], rows)
+    return "\n".join(lines + [README_END]) + "\n"
+
+
+def write_readme_block(sources: list[Source]) -> None:
+    text = README.read_text(encoding="utf-8")
+    if README_BEGIN in text and README_END in text:
+        head, rest = text.split(README_BEGIN, 1)
+        tail = rest.split(README_END, 1)[1].removeprefix("\n")
+        README.write_text(head + readme_block(sources) + tail, encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     """Write the pages (and, with matplotlib, the figures); return the pages written, index.md first."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -738,6 +843,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         path.write_text("\n".join(page_lines(page, sources, figures)).rstrip("\n") + "\n")
         written.append(path)
     figures.close()
+    if args.out.resolve() == RESULTS.resolve():
+        write_readme_block(sources)
     # Without matplotlib the PNGs are not redrawn, so only pages can be told stale then.
     stale = sorted(p.name for p in args.out.glob("*") if p not in written + figures.written
                    and (p.suffix == ".md" or (p.suffix == ".png" and plt is not None)))

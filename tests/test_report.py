@@ -190,3 +190,28 @@ def test_every_benchmark_json_records_its_command(monkeypatch):
     for name in ("sipit.py", "dlmi.py", "robustness.py", "memory.py", "capture.py", "precision.py"):
         source = (scripts / name).read_text()
         assert source.count("write_text(json.dumps(") == source.count("run_record()"), name
+
+
+def test_readme_headline_tables_are_what_report_py_writes():
+    """The README's results block is generated from docs/results/data, never copied by hand."""
+    readme = (report.ROOT / "README.md").read_text(encoding="utf-8")
+    start, end = readme.index(report.README_BEGIN), readme.index(report.README_END) + len(report.README_END) + 1
+    assert readme[start:end] == report.readme_block(report.load_sources([report.RESULTS / "data"])), \
+        "README's results block is stale: run python benchmarks/report.py"
+
+
+def test_budget_curves_are_rendered(tmp_path):
+    """A --budgets JSON becomes a section with a table per target kind and a ratio against GCG."""
+    import json
+
+    rows = [dict(budget=b, evals=b, honest=h, exact=False, lead=0.1, copied=0.0, seconds=1.0, prompt="p", output="o",
+                 id="t0", kind="reachable random", method=m, N=20)
+            for b in (10, 20) for m, h in (("dlmi", 0.6), ("gcg-nano", 0.3))]
+    path = tmp_path / "dlmi_budget.json"
+    path.write_text(json.dumps({"hardware": "CPU", "model": "m", "budgets": [10, 20], "command": "python benchmarks/dlmi.py",
+                                "commit": "abc1234", "date": "2026-12-03", "rows": rows}))
+    (source,) = report.load_sources([path])
+    assert source.kind == "dlmi-budget"
+    gcg, summary = report.budget_summary(source)
+    assert gcg == "gcg-nano" and summary[0][1] == "0.60" and summary[0][-1] == "2.00x"
+    assert "0.60 · 0/1 · lead 0.10" in "\n".join(report.section_budget(source, report.Figures(tmp_path, None, None)))
