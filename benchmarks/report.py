@@ -12,7 +12,8 @@ this script writes from the committed JSON, so a page edited by hand, or not reg
 Pages, each written only when it has an input: index.md (every run), sipit.md (Table A / Figure A: SIP-It
 vs brute force vs HardPrompts; per-candidate costs; ranking ablation; reference loop; low-precision
 captures), dlmi.md (Table B / Figures B and C: DLMI and the output-inversion baselines; throughput; step
-cost), robustness.md, memory.md, precision.md.
+cost), robustness.md, memory.md, precision.md. With the default inputs and --out, also README.md's headline
+tables (between its `<!-- results: ... -->` markers; see readme_block).
 Figures need matplotlib (`pip install lit-inversion[report]`). Without it the pages are written all the
 same (they name their PNGs) and only the PNGs are not redrawn. Each figure is also logged to TensorBoard
 (--tensorboard).
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 from collections.abc import Callable
@@ -359,18 +361,24 @@ def sipit_reference(source: Source) -> list[str]:
         return []
     rows = []
     for layer, refs in reference.items():
-        ref_mean = statistics.mean(r["seconds"] for r in refs)
-        ours_mean = statistics.mean(r["ours_seconds"] for r in refs)
-        bound = "" if all(r["found"] for r in refs) else "≥ "  # a capped position is a lower bound
         cells = "; ".join(f"{r['seconds']:.1f}{'' if r['found'] else ' (not found)'} ({r['candidates']}, {r['kind']})"
                           for r in refs)
-        rows.append([str(layer), cells, f"{ours_mean:.2f}", f"{bound}{ref_mean / ours_mean:.0f}x"])
+        rows.append([str(layer), cells, f"{statistics.mean(r['ours_seconds'] for r in refs):.2f}",
+                     reference_speedup(refs)])
     return ([f"### Against the reference loop ({source.data.get('length', '?')}-token prompts)", "",
              "The reference code's loop, re-implemented (one candidate per full forward, the paper's gradient policy), "
              "on sampled positions given the true prefix, against ours at the same positions.", ""]
             + captioned("Reference loop", source.runs[0],
                         ["layer", "reference loop: s (candidates, kind) per position", "ours at the same positions, s",
                          "speed-up"], rows))
+
+
+def reference_speedup(refs: list[dict]) -> str:
+    """The reference loop's mean seconds per position over ours at the same positions."""
+    ref_mean = statistics.mean(r["seconds"] for r in refs)
+    ours_mean = statistics.mean(r["ours_seconds"] for r in refs)
+    bound = "" if all(r["found"] for r in refs) else "≥ "  # a capped position is a lower bound
+    return f"{bound}{ref_mean / ours_mean:.0f}x"
 
 
 def section_capture(sources: list[Source]) -> list[str]:
@@ -535,27 +543,53 @@ def budget_summary(source: Source) -> tuple[str | None, list[list[str]]]:
     return gcg, out
 
 
+def slug(text: str) -> str:
+    """A file-name piece: "k = 1" -> "k_1", "reachable natural" -> "reachable_natural"."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def budget_groups(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """The rows per target kind, in the order they ran (per prompt length too, when the run had several)."""
+    lengths = list(dict.fromkeys(r["N"] for r in rows))
+    groups = []
+    for n in lengths:
+        for kind in dict.fromkeys(r["kind"] for r in rows if r["N"] == n):
+            label = kind if len(lengths) == 1 else f"N = {n}, {kind}"
+            groups.append((label, [r for r in rows if r["N"] == n and r["kind"] == kind]))
+    return groups
+
+
 def section_budget(source: Source, figures: Figures) -> list[str]:
-    rows, budgets = source.rows, sorted(source.data["budgets"])
-    lines = [f"## Budget curves: equal candidate evaluations (`{source.name}`)", "",
+    d, rows, budgets = source.data, source.rows, sorted(source.data["budgets"])
+    lengths = sorted({r["N"] for r in rows})
+    setup = [f"N = {', '.join(map(str, lengths))} prompt tokens"]
+    if {"gcg", "gcg-scaled"} & {r["method"] for r in rows} and "gcg_width" in d:
+        setup.append(f"GCG search width {d['gcg_width']}")
+    if "reachable_seed" in d and any(r["kind"].startswith("reachable") for r in rows):
+        setup.append(f"reachable targets from seed {d['reachable_seed']}")
+    lines = ["## Budget curves (equal candidate evaluations)", "",
              "Every method gets the same candidate evaluations per target (a prompt scored by a forward pass; a "
              "gradient pass counts as 3). Each cell: mean honest LCS · exact matches · mean lead (the right target "
              "prefix under greedy decoding, as a fraction of M), over the targets of the kind, as the spent "
              "evaluations pass the budget. Reachable targets are greedy continuations of a fresh 20-token prompt "
-             "(natural text or random tokens) that does not copy them; `null` is N newline tokens.", ""]
-    for kind in dict.fromkeys(r["kind"] for r in rows):
-        of_kind = [r for r in rows if r["kind"] == kind]
-        slug = kind.replace("=", "").replace(" ", "_").replace("__", "_")
-        lines += figures.add(f"{source.stem}_{slug}", lambda plt, of_kind=of_kind, kind=kind: figure_budget(plt, of_kind, kind),
-                             f"Honest LCS against the budget, {kind}")
+             "(natural text or random tokens) that does not copy them; `null` is N newline tokens.", "",
+             f"Budgets: {'; '.join(setup)}. Rows: `{source.name}`.", ""]
+    for label, of_kind in budget_groups(rows):
+        lines += figures.add(f"{source.stem}_{slug(label)}",
+                             lambda plt, of_kind=of_kind, label=label: figure_budget(plt, of_kind, label),
+                             f"Honest LCS against the budget, {label}")
         table_rows = [[method_name(m)] + [budget_cell([r for r in of_kind if r["method"] == m and r["budget"] == b])
                                           for b in budgets] for m in methods_of(of_kind)]
-        lines += captioned(f"{kind}, {len({r['id'] for r in of_kind})} targets", source.runs[0],
+        lines += captioned(f"{label}, {plural(len({r['id'] for r in of_kind}), 'target')}", source.runs[0],
                            ["method"] + [f"{b} evaluations" for b in budgets], table_rows)
     gcg, summary = budget_summary(source)
-    lines += captioned(f"At {budgets[-1]} evaluations, every target (ratio against {method_name(gcg) if gcg else 'GCG'})",
-                       source.runs[0], ["method", "honest LCS", "exact", "lead", "seconds per target",
-                                        "honest LCS vs GCG"], summary)
+    against = f"the ratio is to `{gcg}`, {method_name(gcg)}" if gcg else "no GCG run to compare with"
+    lines += captioned(f"At {budgets[-1]} evaluations, every target ({against})", source.runs[0],
+                       ["method", "honest LCS", "exact", "lead", "seconds per target", "honest LCS vs GCG"], summary)
     return lines
 
 
@@ -563,8 +597,8 @@ def figure_budget(plt, rows: list[dict], kind: str):
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     budgets = sorted({r["budget"] for r in rows})
     for method in methods_of(rows):
-        ax.plot(budgets, [statistics.mean(r["honest"] for r in rows if r["method"] == method and r["budget"] == b)
-                          for b in budgets], marker="o", label=method_name(method))
+        values = [[r["honest"] for r in rows if r["method"] == method and r["budget"] == b] for b in budgets]
+        ax.plot(budgets, [statistics.mean(v) if v else math.nan for v in values], marker="o", label=method_name(method))
     ax.set_xscale("log")
     ax.set_xticks(budgets, [str(b) for b in budgets])
     ax.set_xlabel("candidate evaluations per target")
@@ -786,36 +820,77 @@ README_BEGIN = "<!-- results: generated by python benchmarks/report.py from docs
 README_END = "<!-- end of generated results -->"
 
 
-def readme_block(sources: list[Source]) -> str:
-    """The README's headline tables: SIP-It per layer, and output inversion at the largest equal budget."""
-    lines = [README_BEGIN, ""]
-    sipit = ([s for s in sources if s.kind == "sipit" and s.stem == "sipit_heldout"]
+def readme_sipit(sources: list[Source]) -> list[str]:
+    """SIP-It per layer (the prompt kinds pooled) from sipit_heldout.json, else sipit_20.json."""
+    found = ([s for s in sources if s.kind == "sipit" and s.stem == "sipit_heldout"]
              or [s for s in sources if s.kind == "sipit" and s.stem == "sipit_20"])
-    if sipit:
-        source = sipit[0]
-        rows = [[str(r["layer"]), f"{r['prompts']} {r['kind']}", f"{round(r['exact'] * r['prompts'])}/{r['prompts']}",
-                 f"{r['mean_s_per_token']:.2f}", f"{r['mean_candidates']:.0f} ({r['max_candidates']})"]
-                for r in source.rows]
-        lines += captioned(f"SIP-It, {source.data.get('length', '?')}-token prompts", source.runs[0],
-                           ["layer", "prompts", "exact", "s/token", "candidates/token, mean (max)"], rows)
-    budget = [s for s in sources if s.kind == "dlmi-budget"]
+    if not found:
+        return []
+    source = found[0]
+    reference = {str(layer): refs for layer, refs in (source.data.get("reference") or {}).items() if refs}
+    rows = []
+    for layer in dict.fromkeys(r["layer"] for r in source.rows):
+        rs = [r for r in source.rows if r["layer"] == layer]
+        prompts = sum(r["prompts"] for r in rs)
+        weighted = lambda key: sum(r[key] * r["prompts"] for r in rs) / prompts  # noqa: E731
+        row = [str(layer), f"{sum(round(r['exact'] * r['prompts']) for r in rs)}/{prompts}",
+               f"{weighted('mean_s_per_token'):.2f}",
+               f"{weighted('mean_candidates'):.0f} ({max(r['max_candidates'] for r in rs)})"]
+        rows.append(row + ([reference_speedup(reference[str(layer)]) if str(layer) in reference else "–"]
+                           if reference else []))
+    first = [r for r in source.rows if r["layer"] == source.rows[0]["layer"]]
+    kinds = " + ".join(f"{r['prompts']} {r['kind']}" for r in first)
+    return captioned(f"SIP-It, {source.data.get('length', '?')}-token prompts ({kinds} per layer, exact = every token "
+                     f"right)", source.runs[0],
+                     ["layer", "exact", "s/token", "candidates/token, mean (max)"]
+                     + (["speed-up over the reference loop"] if reference else []), rows)
+
+
+def readme_output(sources: list[Source]) -> list[str]:
+    """Output inversion per method: at the largest budget of dlmi_budget.json, else dlmi_equal_time.json at N = 20."""
+    budget = [s for s in sources if s.kind == "dlmi-budget" and s.stem == "dlmi_budget"]
     if budget:
         source = budget[0]
-        gcg, rows = budget_summary(source)
-        kinds = ", ".join(f"{len({r['id'] for r in source.rows if r['kind'] == k})} {k}"
-                          for k in dict.fromkeys(r["kind"] for r in source.rows))
-        lines += captioned(f"Output → prompt at {max(source.data['budgets'])} candidate evaluations per target "
-                           f"({kinds})", source.runs[0],
-                           ["method", "honest LCS", "exact", "lead", "seconds per target", "honest LCS vs GCG"], rows)
-    return "\n".join(lines + [README_END]) + "\n"
+        top = max(source.data["budgets"])
+        last = [r for r in source.rows if r["budget"] == top]
+        kinds = ", ".join(f"{len({r['id'] for r in last if r['kind'] == k})} {k}"
+                          for k in dict.fromkeys(r["kind"] for r in last))
+        gcg, summary = budget_summary(source)
+        rows = [row[:4] + row[5:] for row in summary]  # without the seconds: the page has them
+        return captioned(f"Output → prompt at {top} candidate evaluations per target ({kinds})", source.runs[0],
+                         ["method", "honest LCS", "exact", "lead", "honest LCS vs GCG"], rows)
+    equal = [s for s in sources if s.kind == "dlmi" and s.stem == "dlmi_equal_time"]
+    if not equal:
+        return []
+    source = equal[0]
+    n20 = [r for r in source.rows if r["N"] == 20]
+    if not n20:
+        return []
+    run = source.runs[n20[0].get("run", 0)]
+    ks = ", ".join(map(str, sorted({r["k"] for r in n20})))
+    rows = [[method_name(m), f"{statistics.mean(r['honest'] for r in rs):.2f}",
+             f"{sum(bool(r['exact']) for r in rs)}/{len(rs)}"]
+            for m in methods_of(n20) for rs in [[r for r in n20 if r["method"] == m]]]
+    return captioned(f"Output → prompt, {dlmi_budget(source).split(';')[0]}, N = 20, k ∈ {{{ks}}}", run,
+                     ["method", "honest LCS", "exact"], rows)
+
+
+def readme_block(sources: list[Source]) -> str:
+    """README's headline tables, between (and with) the markers: SIP-It per layer, and output inversion."""
+    return "\n".join([README_BEGIN, ""] + readme_sipit(sources) + readme_output(sources) + [README_END]) + "\n"
 
 
 def write_readme_block(sources: list[Source]) -> None:
+    """Replace README's block (markers included) with readme_block(sources)."""
     text = README.read_text(encoding="utf-8")
-    if README_BEGIN in text and README_END in text:
-        head, rest = text.split(README_BEGIN, 1)
-        tail = rest.split(README_END, 1)[1].removeprefix("\n")
-        README.write_text(head + readme_block(sources) + tail, encoding="utf-8")
+    if README_BEGIN not in text or README_END not in text:
+        print(f"{README.name}: no results markers, not rewritten", file=sys.stderr)
+        return
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1].removeprefix("\n")
+    new = head + readme_block(sources) + tail
+    if new != text:
+        README.write_text(new, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -843,7 +918,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         path.write_text("\n".join(page_lines(page, sources, figures)).rstrip("\n") + "\n")
         written.append(path)
     figures.close()
-    if args.out.resolve() == RESULTS.resolve():
+    # README's block is the headline of the committed results: only from (and into) docs/results.
+    if args.out.resolve() == RESULTS.resolve() and [p.resolve() for p in args.inputs] == [(RESULTS / "data").resolve()]:
         write_readme_block(sources)
     # Without matplotlib the PNGs are not redrawn, so only pages can be told stale then.
     stale = sorted(p.name for p in args.out.glob("*") if p not in written + figures.written

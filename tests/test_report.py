@@ -198,20 +198,113 @@ def test_readme_headline_tables_are_what_report_py_writes():
     start, end = readme.index(report.README_BEGIN), readme.index(report.README_END) + len(report.README_END) + 1
     assert readme[start:end] == report.readme_block(report.load_sources([report.RESULTS / "data"])), \
         "README's results block is stale: run python benchmarks/report.py"
+    assert readme.index("## Results at a glance") < start and readme[end:].lstrip("\n").startswith("Every benchmark table")
+    assert len(readme[start:end].splitlines()) <= 22 and len(readme.splitlines()) <= 250
 
 
-def test_budget_curves_are_rendered(tmp_path):
+def budget_json(lengths=(20,), methods=("dlmi", "gcg-scaled", "null")) -> dict:
+    """The shape `benchmarks/dlmi.py --budgets 10 20` writes: two reachable kinds and a k = 1 target."""
+    rows = []
+    for n in lengths:
+        for kind, ids in (("reachable natural", ("rn0", "rn1")), ("reachable random", ("rr0",)), ("k = 1", ("k1-0",))):
+            for i, target in enumerate(ids):
+                for method in methods:
+                    for b in (10, 20):
+                        honest = {"dlmi": 0.5 + 0.25 * (b == 20) * (i == 0), "null": 0.1}.get(method, 0.25)
+                        rows.append(dict(budget=b, evals=b + 1, honest=honest, exact=method == "dlmi" and honest == 0.75,
+                                         lead=honest / 2, copied=0.0, seconds=float(b), prompt="p", output="o",
+                                         id=target, kind=kind, method=method, N=n))
+    return dict(hardware="CPU test, 1 threads", model="tiny-test", budgets=[10, 20], gcg_width=32, reachable_seed=21,
+                command="python benchmarks/dlmi.py --budgets 10 20", commit="abc1234", date="2026-12-03", rows=rows)
+
+
+def test_budget_curves_are_rendered(tmp_path, monkeypatch):
     """A --budgets JSON becomes a section with a table per target kind and a ratio against GCG."""
-    import json
-
-    rows = [dict(budget=b, evals=b, honest=h, exact=False, lead=0.1, copied=0.0, seconds=1.0, prompt="p", output="o",
-                 id="t0", kind="reachable random", method=m, N=20)
-            for b in (10, 20) for m, h in (("dlmi", 0.6), ("gcg-nano", 0.3))]
+    monkeypatch.setattr(report, "load_pyplot", lambda: None)
     path = tmp_path / "dlmi_budget.json"
-    path.write_text(json.dumps({"hardware": "CPU", "model": "m", "budgets": [10, 20], "command": "python benchmarks/dlmi.py",
-                                "commit": "abc1234", "date": "2026-12-03", "rows": rows}))
+    path.write_text(json.dumps(budget_json()))
     (source,) = report.load_sources([path])
     assert source.kind == "dlmi-budget"
     gcg, summary = report.budget_summary(source)
-    assert gcg == "gcg-nano" and summary[0][1] == "0.60" and summary[0][-1] == "2.00x"
-    assert "0.60 · 0/1 · lead 0.10" in "\n".join(report.section_budget(source, report.Figures(tmp_path, None, None)))
+    # At 20 evaluations over 4 targets: dlmi (0.75 + 0.5 + 0.75 + 0.75) / 4, against gcg-scaled's 0.25.
+    assert gcg == "gcg-scaled" and summary[0] == ["DLMI (lit-inversion)", "0.69", "3/4", "0.34", "20.0", "2.75x"]
+    assert summary[-1][0] == "null prompt (no optimisation)"
+    text = read_pages(report.main([str(path), "--out", str(tmp_path / "out")]))
+    assert "## Budget curves (equal candidate evaluations)" in text
+    assert "| method | 10 evaluations | 20 evaluations |" in text
+    assert "| DLMI (lit-inversion) | 0.50 · 0/2 · lead 0.25 | 0.62 · 1/2 · lead 0.31 |" in text  # reachable natural
+    assert "reachable random, 1 target, from `python benchmarks/dlmi.py --budgets 10 20` at commit `abc1234` " \
+           "(tiny-test, CPU test, 1 threads, 2026-12-03):" in text
+    assert "the ratio is to `gcg-scaled`, GCG (nanoGCG defaults, width scaled)" in text
+    assert "GCG search width 32" in text
+    for name in ("reachable_natural", "reachable_random", "k_1"):
+        assert f"](dlmi_budget_{name}.png)" in text  # named whether or not matplotlib draws it
+    # Several prompt lengths: a table per length and kind.
+    path.write_text(json.dumps(budget_json(lengths=(10, 20))))
+    text = read_pages(report.main([str(path), "--out", str(tmp_path / "out")]))
+    assert "](dlmi_budget_n_10_k_1.png)" in text and "N = 20, reachable random, 1 target" in text
+
+
+def test_budget_figures(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "dlmi_budget.json"
+    path.write_text(json.dumps(budget_json()))
+    report.main([str(path), "--out", str(tmp_path / "out"), "--tensorboard", str(tmp_path / "tb")])
+    for name in ("reachable_natural", "reachable_random", "k_1"):
+        assert (tmp_path / "out" / f"dlmi_budget_{name}.png").stat().st_size > 0
+
+
+def sources_from(directory: Path, files: dict[str, dict]) -> list:
+    directory.mkdir()
+    for name, data in files.items():
+        (directory / name).write_text(json.dumps(data))
+    return report.load_sources([directory])
+
+
+def test_readme_block_picks_its_inputs(tmp_path):
+    heldout = sipit_json()
+    heldout["command"] = "python benchmarks/sipit.py --heldout"
+    heldout["reference"] = {"1": [dict(seconds=10.0, ours_seconds=0.5, found=True, candidates=9, kind="natural")],
+                            "15": [dict(seconds=30.0, ours_seconds=1.0, found=False, candidates=99, kind="random")]}
+    block = report.readme_block(sources_from(tmp_path / "a", {"sipit_20.json": sipit_json(),
+                                                              "sipit_heldout.json": heldout,
+                                                              "dlmi_budget.json": budget_json(),
+                                                              "dlmi_equal_time.json": dlmi_json()}))
+    lines = block.splitlines()
+    assert lines[0] == report.README_BEGIN and lines[-1] == report.README_END and len(lines) <= 20
+    # sipit_heldout.json over sipit_20.json; both kinds pooled per layer (random ones twice as slow), speed-up.
+    assert "`python benchmarks/sipit.py --heldout`" in block and "(2 natural + 2 random per layer" in block
+    assert "| layer | exact | s/token | candidates/token, mean (max) | speed-up over the reference loop |" in block
+    assert "| 1 | 4/4 | 0.15 | 64 (640) | 20x |" in block and "| 15 | 4/4 | 2.25 | 960 (9600) | ≥ 30x |" in block
+    # dlmi_budget.json over dlmi_equal_time.json: its largest budget, every target.
+    assert "Output → prompt at 20 candidate evaluations per target (2 reachable natural, 1 reachable random, 1 k = 1)" in block
+    assert "| DLMI (lit-inversion) | 0.69 | 3/4 | 0.34 |" in block and "command not recorded" not in block.split("Output")[1]
+
+    # The fallbacks: sipit_20.json (no reference loop: no speed-up column), dlmi_equal_time.json at N = 20.
+    equal = dlmi_json()
+    equal["equal_time"] = 60.0
+    for r in equal["rows"]:
+        r["N"] = {10: 20, 80: 80}[r["N"]]
+    block = report.readme_block(sources_from(tmp_path / "b", {"sipit_20.json": sipit_json(),
+                                                              "dlmi_equal_time.json": equal}))
+    assert "| layer | exact | s/token | candidates/token, mean (max) |\n" in block
+    assert "Output → prompt, 60 s per target (equal wall time), N = 20, k ∈ {1, 6}" in block
+    assert "| method | honest LCS | exact |\n" in block and "| DLMI (lit-inversion) | 0.52 | 1/2 |" in block
+    # A merged JSON (one run per prompt length): the caption names the N = 20 run's command.
+    committed = [s for s in report.load_sources([report.RESULTS / "data"]) if s.kind != "dlmi-budget"]
+    if any(s.stem == "dlmi_equal_time" for s in committed):
+        assert "--prompt-lengths 20 " in report.readme_block(committed).split("Output → prompt")[1].splitlines()[0]
+    # Neither: just the markers.
+    assert report.readme_block([]) == f"{report.README_BEGIN}\n\n{report.README_END}\n"
+
+
+def test_readme_block_is_rewritten_in_place(tmp_path, monkeypatch):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Results at a glance\n\n{report.README_BEGIN}\nold\n{report.README_END}\n\nEvery benchmark table\n")
+    monkeypatch.setattr(report, "README", readme)
+    sources = sources_from(tmp_path / "data", {"sipit_20.json": sipit_json()})
+    report.write_readme_block(sources)
+    text = readme.read_text()
+    assert text.startswith("# x\n\n## Results at a glance\n\n" + report.readme_block(sources) + "\nEvery benchmark table\n")
+    report.write_readme_block(sources)
+    assert readme.read_text() == text
