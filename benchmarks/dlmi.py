@@ -35,6 +35,7 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -117,8 +118,8 @@ def step_cost(loaded, config: DlmiConfig, target: list[int], repeats: int = 3) -
 
     batch = make_batch(loaded, [target], config)
     model, E, M = loaded.model, loaded.model.get_input_embeddings().weight, len(target)
-    searching = config.method == "gcg" or (config.method != "reinforce" and config.refine_steps > 0)
-    rows = 1 if searching else config.samples if config.method == "reinforce" else config.gumbel_samples
+    searching = config.name == "gcg" or (config.name != "reinforce" and config.refine_steps > 0)
+    rows = 1 if searching else config.samples if config.name == "reinforce" else config.gumbel_samples
     prefix = [loaded.bos_id] if config.prepend_bos and loaded.bos_id is not None else []
     ids = torch.tensor(prefix + [target[0]] * config.prompt_length + target[:-1]).expand(rows, -1)
     labels = torch.tensor(target).repeat(rows)
@@ -222,9 +223,9 @@ def run_throughput(args, loaded, targets: list[dict]) -> None:
 
 def evals_per_step(config) -> int:
     """Candidate evaluations one step of `config` spends: prompts scored by a forward, a gradient pass as 3."""
-    if config.method == "gcg":
+    if config.name == "gcg":
         return config.search_width + 3
-    if config.method == "reinforce":
+    if config.name == "reinforce":
         return config.samples  # forwards only (the score function needs no backward through the model)
     if config.refine_fraction >= 1.0:
         return config.refine_candidates + 3
@@ -257,7 +258,7 @@ def budget_curve(loaded, target: dict, name: str, make, args, n: int) -> list[di
         return [dict(row, budget=b) for b in budgets]
     config = make(args, prompt_length=n, num_steps=1)
     per_step = evals_per_step(config)
-    config = make(args, prompt_length=n, num_steps=math.ceil(budgets[-1] / per_step))
+    config = replace(config, num_steps=math.ceil(budgets[-1] / per_step))
     batch = make_batch(loaded, [ids], config, keys=[target["id"]])
     rows, spent = [], 0
     while budgets[len(rows):]:

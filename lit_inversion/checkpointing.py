@@ -13,12 +13,13 @@ import os
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lit_inversion.console import steps_this_epoch
+
 
 class LastCheckpoint(ModelCheckpoint):
     def __init__(self, dirpath: str = "runs/checkpoints", every_n_batches: int | None = None):
         super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, enable_version_counter=False)
         self.every_n_batches = every_n_batches
-        self._steps = 0  # training steps seen (hooks' batch_idx counts fetched targets, not steps, for DLMI)
 
     def save_now(self, trainer: L.Trainer) -> None:
         path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
@@ -33,8 +34,7 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         every = self.every_n_batches or getattr(pl_module, "checkpoint_interval", 1)
-        self._steps += 1
-        if self._steps % every == 0:
+        if steps_this_epoch(trainer) % every == 0:
             self.save_now(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:

@@ -52,6 +52,12 @@ def quiet(verbose: bool = False) -> None:
         pass
 
 
+def steps_this_epoch(trainer) -> int:
+    """Training steps run so far this epoch, the current one included (hooks' batch_idx counts fetched
+    items instead, which differ for a step that pulls its own data)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+
 class _NoBar:
     """Stands in for the inner bar when progress bars are off."""
 
@@ -79,8 +85,7 @@ class InversionProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         # Count steps, not fetched items: DLMI's step pulls all its targets at the first step.
-        steps = trainer.fit_loop.epoch_loop.batch_progress.current.completed + 1  # this step is not counted yet
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, steps - 1)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, steps_this_epoch(trainer) - 1)
 
     @property
     def total_train_batches(self) -> int | float:

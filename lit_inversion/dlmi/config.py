@@ -86,10 +86,6 @@ class OutputConfig:
     allow_non_ascii: bool = False
     """Allow non-ASCII tokens in the prompt (special tokens never), as nanoGCG's option."""
 
-    @property
-    def method(self) -> str:
-        return self.name
-
     def validate(self) -> None:
         """Raise InversionError naming every option the run cannot use, with the fix."""
         checks = _Checks()

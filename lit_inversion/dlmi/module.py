@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-import torch
 
 from lit_inversion.dlmi.batch import DlmiResult
 from lit_inversion.dlmi.config import CONFIGS, DlmiConfig, OutputConfig, method_config
@@ -190,7 +189,7 @@ class DlmiModule(InversionJob):
 
     def run_settings(self) -> dict:
         c = self.config
-        return {"model": self.hparams.model_name_or_path, "method": c.method, "prompt_length": c.prompt_length,
+        return {"model": self.hparams.model_name_or_path, "method": c.name, "prompt_length": c.prompt_length,
                 "num_steps": c.num_steps, "init": c.init}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

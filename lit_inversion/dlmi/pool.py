@@ -165,7 +165,7 @@ def run_pool(loaded, targets: Iterable[OutputTarget], config: OutputConfig, slot
 def invert_outputs(loaded, targets: Sequence[Sequence[int]], config: OutputConfig | None = None, batch_size: int | None = None,
                    keys: Sequence[object] | None = None,
                    on_step: Callable[[PoolStep], None] | None = None) -> list[DlmiResult]:
-    """Find, for each target, a prompt whose greedy continuation reproduces it, with `config.method`
+    """Find, for each target, a prompt whose greedy continuation reproduces it, with `config`'s method
     (DLMI by default), through the same pool of slots as the Lightning job: `batch_size` slots
     (default: one per target). Results come in the order of `targets`.
 
