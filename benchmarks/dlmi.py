@@ -11,7 +11,8 @@
         --prompt-lengths 20 --methods dlmi gcg-nano gcg-scaled paper null --threads 2   # budget curves
 
 Budget curves (`--budgets`): every method gets the same number of candidate evaluations per target
-(a prompt scored by a forward pass; a gradient pass counts as 3), and each target's honest LCS, exact
+(a prompt scored by a forward pass; a gradient pass counts as its cost in forwards, measured at the
+start of the run and rounded), and each target's honest LCS, exact
 match and lead (the right target prefix under greedy decoding) are recorded as the budget passes each
 mark. Targets: `--reachable` fresh reachable ones (half natural-text, half random prompts; a known
 non-copying solution exists) and the shipped difficulty-k ones. `null` is no optimisation at all: N
@@ -46,7 +47,7 @@ from benchmarks.common import hardware, median_seconds, run_record
 
 from lit_inversion.dlmi.config import DlmiConfig
 from lit_inversion.dlmi.batch import greedy_decode
-from lit_inversion.dlmi import make_batch, method_config
+from lit_inversion.dlmi import make_batch, method_config, search
 from lit_inversion.dlmi.data import OutputTarget
 from lit_inversion.dlmi.pool import invert_outputs, run_pool
 from lit_inversion.models import load_model
@@ -79,6 +80,13 @@ ABLATION = {
     "dlmi-relaxed-first": dict(RELAXED_FIRST),
     "dlmi-onehot": dict(RELAXED_FIRST, anneal_from=0.0, anneal_to=0.0005),  # tau ~100 -> ~0.05
     "dlmi-sparse": dict(RELAXED_FIRST, relax_topk=256),
+    # The move-set ideas of issue 23, each alone on the default (run them under --budgets).
+    "dlmi-dedupe": dict(refine_dedupe=True),  # Faster-GCG: never re-score a prompt
+    "dlmi-merge": dict(refine_merge=4),  # I-GCG: the best 2..4 single swaps merged
+    "dlmi-buffer": dict(refine_buffer=16),  # ACG: restarts from a buffer of the best prompts
+    "dlmi-momentum": dict(refine_momentum=0.5),  # MAC: momentum on the token gradient
+    "dlmi-adc": dict(relaxed_method="adc", num_steps=256, refine_fraction=0.5),  # ADC+: 128 ADC steps, then the search
+    "dlmi-beast": dict(beam_positions=4),  # a BEAST beam over the last 4 positions as the start
 }
 for _name, _change in ABLATION.items():
     METHODS[_name] = lambda args, _change=_change, **kw: method_config("dlmi", **{**kw, **_change})
@@ -222,16 +230,33 @@ def run_throughput(args, loaded, targets: list[dict]) -> None:
 
 
 def evals_per_step(config) -> int:
-    """Candidate evaluations one step of `config` spends: prompts scored by a forward, a gradient pass as 3."""
+    """Candidate evaluations a step of `config` spends at most (the search's phase for a mixed method):
+    prompts scored by a forward, a gradient pass as search.GRADIENT_EVALUATIONS."""
+    g = search.GRADIENT_EVALUATIONS
     if config.name == "gcg":
-        return config.search_width + 3
+        return config.search_width + g
     if config.name == "reinforce":
         return config.samples  # forwards only (the score function needs no backward through the model)
-    if config.refine_fraction >= 1.0:
-        return config.refine_candidates + 3
     if config.refine_fraction <= 0.0:
-        return 3 * config.gumbel_samples
-    raise SystemExit("--budgets: a method that mixes phases has no fixed cost per step")
+        return g * config.gumbel_samples
+    return config.refine_candidates + g
+
+
+def gradient_cost(loaded, n: int, m: int = 20, repeats: int = 5) -> float:
+    """Seconds of one prompt's forward-and-backward to the inputs over its forward alone ([BOS] + n + m - 1
+    tokens, logits at the m target positions): what a gradient pass counts in candidate evaluations."""
+    model, E = loaded.model, loaded.model.get_input_embeddings().weight
+    ids = torch.randint(loaded.vocab_size, (1, 1 + n + m - 1))
+
+    def forward(grad: bool) -> None:
+        with torch.set_grad_enabled(grad):
+            x = E[ids].detach().requires_grad_(grad)
+            hidden = model.base_model(inputs_embeds=x).last_hidden_state[:, -m:].contiguous()
+            logits = model.get_output_embeddings()(hidden)
+            if grad:
+                logits.float().logsumexp(-1).sum().backward()
+
+    return median_seconds(lambda: forward(True), repeats) / median_seconds(lambda: forward(False), repeats)
 
 
 def lead_of(output: list[int], target: list[int]) -> int:
@@ -258,14 +283,22 @@ def budget_curve(loaded, target: dict, name: str, make, args, n: int) -> list[di
         return [dict(row, budget=b) for b in budgets]
     config = make(args, prompt_length=n, num_steps=1)
     per_step = evals_per_step(config)
-    config = replace(config, num_steps=math.ceil(budgets[-1] / per_step))
+    searching = config.name == "gcg" or (config.name == "dlmi" and config.refine_fraction > 0)
+    # Steps are a cap: the budget ends the run. A search's step may score fewer candidates than its
+    # width (filters, dedupe), so it gets twice the steps the full width would need.
+    steps = math.ceil(budgets[-1] / per_step) * (2 if searching else 1)
+    if config.name == "dlmi" and 0 < config.refine_fraction < 1:  # keep the method's own relaxed steps
+        relaxed = config.relaxed_steps
+        config = replace(config, num_steps=relaxed + steps, refine_fraction=steps / (relaxed + steps))
+    else:
+        config = replace(config, num_steps=steps)
     batch = make_batch(loaded, [ids], config, keys=[target["id"]])
     rows, spent = [], 0
     while budgets[len(rows):]:
         stepped = not batch.finished
         if stepped:
             batch.step()
-            spent += per_step
+            spent = int(batch.evaluations()[0])
             if batch.check_due:  # the job's own checks: every check_every steps, and on a teacher-forced match
                 check_batches([batch])
         while budgets[len(rows):] and (spent >= budgets[len(rows)] or not stepped):
@@ -286,8 +319,11 @@ def run_budgets(args, loaded, targets: list[dict]) -> None:
         fresh = make_reachable_targets(loaded, args.reachable, prompt_length=20, length=20, seed=args.reachable_seed,
                                        sources=sources)
         kinds = [dict(t, kind=f"reachable {t['kind']}") for t in fresh] + kinds
+    ratio = gradient_cost(loaded, max(args.prompt_lengths))
+    search.GRADIENT_EVALUATIONS = max(1, round(ratio))  # the batches count gradient passes at this cost
     print(f"DLMI budget curves | model {args.model} | {hardware()} | torch {torch.__version__} | "
-          f"{len(kinds)} targets | budgets {args.budgets} evaluations", flush=True)
+          f"{len(kinds)} targets | budgets {args.budgets} evaluations | a gradient pass measured at "
+          f"{ratio:.2f} forwards, counted as {search.GRADIENT_EVALUATIONS}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -303,7 +339,8 @@ def run_budgets(args, loaded, targets: list[dict]) -> None:
                       flush=True)
                 (out / "dlmi_budget.json").write_text(json.dumps(
                     {"hardware": hardware(), "model": args.model, "budgets": sorted(args.budgets),
-                     "gcg_width": args.gcg_width, "reachable_seed": args.reachable_seed, **run_record(),
+                     "gcg_width": args.gcg_width, "reachable_seed": args.reachable_seed,
+                     "gradient_ratio": ratio, "gradient_evaluations": search.GRADIENT_EVALUATIONS, **run_record(),
                      "rows": rows}, indent=1))
     print(f"\n### Budget curves, {args.model}, {hardware()}: mean honest LCS (exact) per target kind\n")
     for kind in dict.fromkeys(t["kind"] for t in kinds):

@@ -528,10 +528,11 @@ def budget_cell(rs: list[dict]) -> str:
 
 def budget_summary(source: Source) -> tuple[str | None, list[list[str]]]:
     """At the largest budget, over every target: per method honest LCS, exact, lead, seconds, and the
-    honest LCS against GCG's (the first GCG variant present)."""
+    honest LCS against GCG's (the first GCG variant present; else the DLMI default's)."""
     rows, top = source.rows, max(source.data["budgets"])
     last = [r for r in rows if r["budget"] == top]
-    gcg = next((m for m in ("gcg-nano", "gcg-scaled", "gcg") if any(r["method"] == m for r in last)), None)
+    # Against GCG; a run of DLMI's options alone (no GCG) is against the default.
+    gcg = next((m for m in ("gcg-nano", "gcg-scaled", "gcg", "dlmi") if any(r["method"] == m for r in last)), None)
     base = statistics.mean(r["honest"] for r in last if r["method"] == gcg) if gcg else None
     out = []
     for method in methods_of(last):
@@ -571,9 +572,13 @@ def section_budget(source: Source, figures: Figures) -> list[str]:
         setup.append(f"GCG search width {d['gcg_width']}")
     if "reachable_seed" in d and any(r["kind"].startswith("reachable") for r in rows):
         setup.append(f"reachable targets from seed {d['reachable_seed']}")
-    lines = ["## Budget curves (equal candidate evaluations)", "",
+    gradient = f"counts as {d.get('gradient_evaluations', 3)}"
+    if "gradient_ratio" in d:
+        gradient += f", its cost measured at {d['gradient_ratio']:.2f} forwards in the run"
+    title = "Budget curves" if source.stem == "dlmi_budget" else f"Budget curves, `{source.stem}`"
+    lines = [f"## {title} (equal candidate evaluations)", "",
              "Every method gets the same candidate evaluations per target (a prompt scored by a forward pass; a "
-             "gradient pass counts as 3). Each cell: mean honest LCS · exact matches · mean lead (the right target "
+             f"gradient pass {gradient}). Each cell: mean honest LCS · exact matches · mean lead (the right target "
              "prefix under greedy decoding, as a fraction of M), over the targets of the kind, as the spent "
              "evaluations pass the budget. Reachable targets are greedy continuations of a fresh 20-token prompt "
              "(natural text or random tokens) that does not copy them; `null` is N newline tokens.", "",
@@ -588,8 +593,10 @@ def section_budget(source: Source, figures: Figures) -> list[str]:
                            ["method"] + [f"{b} evaluations" for b in budgets], table_rows)
     gcg, summary = budget_summary(source)
     against = f"the ratio is to `{gcg}`, {method_name(gcg)}" if gcg else "no GCG run to compare with"
+    versus = "the default" if gcg == "dlmi" else "GCG"
     lines += captioned(f"At {budgets[-1]} evaluations, every target ({against})", source.runs[0],
-                       ["method", "honest LCS", "exact", "lead", "seconds per target", "honest LCS vs GCG"], summary)
+                       ["method", "honest LCS", "exact", "lead", "seconds per target", f"honest LCS vs {versus}"],
+                       summary)
     return lines
 
 

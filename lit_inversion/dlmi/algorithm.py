@@ -51,10 +51,18 @@ class DlmiBatch(TargetBatch):
         phi_width = 1 if c.temperature == "shared" else N
         z = torch.stack([torch.randn(N, V, generator=g, device=device) for g in self.generators])
         phi = torch.stack([torch.rand(phi_width, generator=g, device=device) for g in self.generators])
-        self.logits = nn.Parameter(z)  # Z, one [N, V] row block per target
-        self.phi = nn.Parameter(phi, requires_grad=c.temperature != "fixed")
-        params = [self.logits] + ([self.phi] if c.temperature != "fixed" else [])
-        self.optimizer = torch.optim.Adam(params, lr=c.learning_rate)
+        adc = c.relaxed_method == "adc"
+        # Z, one [N, V] row block per target (ADC: a distribution per position, started dense)
+        self.logits = nn.Parameter(torch.softmax(z, -1) if adc else z)
+        self.phi = nn.Parameter(phi, requires_grad=c.temperature != "fixed" and not adc)
+        if adc:
+            self.optimizer = torch.optim.SGD([self.logits], lr=c.adc_learning_rate, momentum=c.adc_momentum)
+        else:
+            params = [self.logits] + ([self.phi] if c.temperature != "fixed" else [])
+            self.optimizer = torch.optim.Adam(params, lr=c.learning_rate)
+        # ADC+: the best-ranked rounded prompt of the relaxed phase, the search's start.
+        self.register_buffer("rounded", z.argmax(-1))
+        self.register_buffer("rounded_key", torch.full((B,), torch.inf, dtype=torch.float64, device=device))
         # Restart points of the search with init="repeat": the `anchor t1 .. anchor` prompts, best first.
         seeds = self._repeat_prompts() if c.init == "repeat" else z.argmax(-1)[:, None].clone()
         self.register_buffer("seeds", seeds)
@@ -84,6 +92,8 @@ class DlmiBatch(TargetBatch):
                                   # The copy seed moves between its seed prompts by restarts on a plateau.
                                   accept="improve" if c.init == "repeat" else c.refine_accept,
                                   sampling=c.refine_sampling, distance_weight=c.refine_distance_weight,
+                                  dedupe=c.refine_dedupe, merge=c.refine_merge, buffer=c.refine_buffer,
+                                  momentum=c.refine_momentum,
                                   patience=c.refine_patience, restart_swaps=c.restart_swaps,
                                   copy_limit=self.copy_limit)
 
@@ -164,6 +174,9 @@ class DlmiBatch(TargetBatch):
 
     def _relaxed_step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
+        if c.relaxed_method == "adc":
+            return self._adc_step(idx)
+        self.spent[idx] += search.GRADIENT_EVALUATIONS * c.gumbel_samples
         S, N, V = c.gumbel_samples, c.prompt_length, self.logits.shape[-1]
         step = int(self.steps[idx[0]])
         straight = c.relaxation == "straight_through" or step >= c.straight_through_from * c.relaxed_steps
@@ -193,6 +206,29 @@ class DlmiBatch(TargetBatch):
         lcs = torch.tensor(self._lcs_rows(logits.detach().argmax(-1), rows), device=idx.device).view(len(idx), S).mean(1)
         self.soft_lcs[idx] = lcs
         return per_target.detach(), tau.detach().mean(1)
+
+    def _adc_step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ADC (Hu et al., 2024): SGD with momentum on each position's distribution over the vocabulary,
+        embedded as z @ E; then z is projected onto its top 2^w tokens per position, w the wrong target
+        tokens under teacher forcing (dense while far, one-hot once right). Its rounded prompt is ranked
+        as the search ranks prompts, and the best one starts the search (ADC+)."""
+        E = self._embeddings
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            logits = self._target_logits(self.logits[idx].to(E.dtype) @ E, idx)
+        loss = self._token_losses(logits, idx)
+        loss.sum().backward()
+        self._masked_optimizer_step(idx)
+        with torch.no_grad():
+            wrong = ((logits.argmax(-1) != self.target_ids[idx]) & self.target_mask[idx]).sum(1)
+            self.logits.data[idx] = relax.adc_project(self.logits.data[idx], 2 ** wrong.clamp(max=30))
+            rounded = self.logits[idx].argmax(-1)
+            keys = self._discrete_key(rounded, idx)
+            better = keys < self.rounded_key[idx]
+            self.rounded[idx[better]], self.rounded_key[idx[better]] = rounded[better], keys[better]
+        self.spent[idx] += search.GRADIENT_EVALUATIONS + 1
+        self.soft_lcs[idx] = torch.tensor(self._lcs_rows(logits.detach().argmax(-1), idx), device=idx.device)
+        return loss.detach(), torch.full((len(idx),), float("nan"), device=idx.device)
 
     def _masked_optimizer_step(self, idx: torch.Tensor) -> None:
         """Adam step that leaves stopped targets' parameters untouched (their moments may decay)."""
@@ -241,7 +277,8 @@ class DlmiBatch(TargetBatch):
         repeated), within the copy limit."""
         c = self.config
         if c.relaxed_steps > 0:
-            start = self.argmax_prompts()[b]
+            start = self.rounded[b] if c.relaxed_method == "adc" else self.argmax_prompts()[b]
+            start = self._within_copy_limit(b, start.clone())
         elif c.init == "repeat":
             start = self.seeds[b, 0]
         else:
@@ -253,7 +290,50 @@ class DlmiBatch(TargetBatch):
                     options.append(torch.tensor(fill, device=self.device))
             options = torch.stack(options)
             start = options[self._discrete_key(options, torch.full((len(options),), b, device=self.device)).argmin()]
+            self.spent[b] += len(options)
+        if c.beam_positions and c.init != "repeat":
+            start = self._beam_start(b, start)
         self.searches[b].reset(start, forget_best=True)
+
+    def _within_copy_limit(self, b: int, prompt: torch.Tensor) -> torch.Tensor:
+        """`prompt` with target tokens re-drawn (random allowed tokens) until it is within the copy limit."""
+        target = self.target(b).tolist()
+        fresh = self._random_prompt(b)
+        for p in range(len(prompt)):
+            if lcs_length(prompt.tolist(), target) <= self.copy_limit * len(target):
+                break
+            if int(prompt[p]) in target:
+                prompt[p] = fresh[p]
+        return prompt
+
+    @torch.no_grad()
+    def _beam_start(self, b: int, start: torch.Tensor) -> torch.Tensor:
+        """BEAST (Sadasivan et al., 2024) over the last `beam_positions` positions of `start`: each kept
+        prompt draws `beam_samples` tokens at the position from the model's own next-token distribution
+        (allowed tokens only), and the `beam_width` best-ranked prompts go on."""
+        c, g = self.config, self.generators[b]
+        target = self.target(b).tolist()
+        beams = start[None]
+        prefix = torch.tensor(self.prefix, dtype=torch.long, device=self.device)
+        for p in range(c.prompt_length - c.beam_positions, c.prompt_length):
+            ids = torch.cat([prefix.expand(len(beams), -1), beams[:, :p]], 1)
+            if ids.shape[1]:
+                with self._autocast():
+                    logits = self.loaded.model(input_ids=ids, logits_to_keep=1).logits[:, -1].float()
+            else:  # no context at all: uniform over the allowed tokens
+                logits = torch.zeros(len(beams), self.allowed.shape[1], device=self.device)
+            probs = torch.softmax(logits.masked_fill(~self.allowed[b], -torch.inf), -1)
+            tokens = torch.multinomial(probs, c.beam_samples, generator=g)  # [K, S] without replacement
+            candidates = beams.repeat_interleave(c.beam_samples, 0)
+            candidates[:, p] = tokens.flatten()
+            candidates = candidates.unique(dim=0)
+            keys = self._discrete_key(candidates, torch.full((len(candidates),), b, device=self.device))
+            copying = torch.tensor([lcs_length(row, target) > self.copy_limit * len(target)
+                                    for row in candidates.tolist()], device=self.device)
+            keys = keys.masked_fill(copying, torch.inf)
+            self.spent[b] += len(beams) + len(candidates)
+            beams = candidates[keys.argsort()[: c.beam_width]]
+        return beams[0]
 
     def _refine_step(self, idx: torch.Tensor) -> torch.Tensor:
         """One swap-search step per running target.

@@ -154,6 +154,9 @@ class TargetBatch(nn.Module):
         self.register_buffer("best_lcs", torch.full((B,), -1.0, device=device))
         self.register_buffer("soft_lcs", torch.zeros(B, device=device))
         self.register_buffer("seconds", torch.zeros(B, dtype=torch.float64, device=device))
+        # Candidate evaluations spent outside a swap search (relaxed steps, samples, a start beam):
+        # a prompt scored by a forward counts 1, a gradient pass search.GRADIENT_EVALUATIONS.
+        self.register_buffer("spent", torch.zeros(B, dtype=torch.long, device=device))
         self._started = time.perf_counter()
 
     # ----- basics -------------------------------------------------------------------------------
@@ -182,6 +185,13 @@ class TargetBatch(nn.Module):
         batch has stopped (out of steps or seconds), so every result is a checked one."""
         steps = int(self.steps.max())
         return steps % self.config.check_every == 0 or steps >= self.config.num_steps or self.finished
+
+    def evaluations(self) -> torch.Tensor:
+        """[B] candidate evaluations each target has spent (its swap search's and the rest)."""
+        searches = getattr(self, "searches", None)
+        if not searches:
+            return self.spent.clone()
+        return self.spent + torch.stack([s.evaluations for s in searches])
 
     def target(self, b: int) -> torch.Tensor:
         return self.target_ids[b, : self.lengths[b]]

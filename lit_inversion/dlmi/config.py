@@ -19,6 +19,7 @@ from lit_inversion.precision import DTYPES
 
 TEMPERATURES = ("decoupled", "shared", "fixed")
 RELAXATIONS = ("soft", "straight_through")
+RELAXED_METHODS = ("gumbel", "adc")
 OBJECTIVES = ("hinge", "ce")
 ACCEPTS = ("best", "improve")
 SAMPLINGS = ("random", "greedy")
@@ -143,6 +144,14 @@ class DlmiConfig(OutputConfig):
     """Teacher-forced target logits; false feeds the model's own soft predictions back (GBDA)."""
     relaxation: str = "soft"
     """soft, or straight_through (hard forward, soft gradient)."""
+    relaxed_method: str = "gumbel"
+    """gumbel: the paper's Gumbel-softmax with learned temperatures. adc: ADC's dense-to-sparse
+    relaxation (SGD with momentum on a distribution per position, projected to its top 2^w tokens, w
+    the wrong target tokens), whose best rounded prompt starts the search (ADC+)."""
+    adc_learning_rate: float = 10.0
+    """ADC: SGD's learning rate."""
+    adc_momentum: float = 0.99
+    """ADC: SGD's momentum."""
     anneal_from: float = 1.0
     """Fraction of the relaxed steps after which tau is annealed (1.0: never)."""
     anneal_to: float = 0.01
@@ -177,6 +186,23 @@ class DlmiConfig(OutputConfig):
     refine_distance_weight: float = 0.0
     """Faster-GCG's regulariser: rank swaps by standardised gain minus this times standardised
     embedding distance from the current token (0: off)."""
+    refine_dedupe: bool = False
+    """Faster-GCG: never score a prompt this target's search has scored before (also across moves)."""
+    refine_merge: int = 0
+    """I-GCG: also score the step's best 2, 3, .. refine_merge single swaps (at distinct positions)
+    applied together (0: off)."""
+    refine_buffer: int = 0
+    """ACG: keep the refine_buffer best prompts scored; a restart resumes from the best unused one
+    instead of re-drawing positions of the best (0: off)."""
+    refine_momentum: float = 0.0
+    """MAC: rank swaps by a momentum (this decay) of the normalised token gradient (0: off)."""
+    beam_positions: int = 0
+    """BEAST: before the search, a beam search over the last beam_positions prompt positions, each
+    drawing beam_samples tokens per beam from the model's own next-token distribution (0: off)."""
+    beam_width: int = 8
+    """BEAST: prompts kept per position of the start beam."""
+    beam_samples: int = 8
+    """BEAST: tokens drawn per kept prompt and position."""
     refine_patience: int = 16
     """Steps without a better prompt before a restart (0: never; only with improve)."""
     restart_swaps: int = 3
@@ -211,6 +237,15 @@ class DlmiConfig(OutputConfig):
         checks.one_of(self, "temperature", TEMPERATURES)
         checks.need(self.temperature != "fixed" or self.fixed_tau > 0, f"fixed_tau must be positive (got {self.fixed_tau})")
         checks.one_of(self, "relaxation", RELAXATIONS)
+        checks.one_of(self, "relaxed_method", RELAXED_METHODS)
+        checks.need(self.adc_learning_rate > 0 and 0 <= self.adc_momentum < 1,
+                    "adc_learning_rate must be positive and adc_momentum in [0, 1)")
+        checks.need(self.refine_merge >= 0 and self.refine_buffer >= 0 and self.beam_positions >= 0,
+                    "refine_merge, refine_buffer and beam_positions must be 0 (off) or positive")
+        checks.need(0 <= self.refine_momentum < 1, f"refine_momentum must be in [0, 1) (got {self.refine_momentum})")
+        checks.need(self.beam_positions <= self.prompt_length,
+                    f"beam_positions ({self.beam_positions}) must not exceed prompt_length ({self.prompt_length})")
+        checks.positive(self, "beam_width", "beam_samples")
         checks.one_of(self, "refine_objective", OBJECTIVES)
         checks.one_of(self, "refine_accept", ACCEPTS)
         checks.one_of(self, "refine_sampling", SAMPLINGS)

@@ -68,3 +68,19 @@ def hard_ids(p: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
     if ids is not None:
         best = ids[:, None].expand(p.shape).gather(-1, best[..., None])[..., 0]
     return best.flatten(0, 1)
+
+
+@torch.no_grad()
+def adc_project(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """ADC's projection of z [A, N, V] onto distributions over each position's top `keep` [A] entries
+    (negative entries dropped); a row left empty becomes one-hot at its largest entry."""
+    A, N, V = z.shape
+    out = torch.zeros_like(z)
+    for a in range(A):
+        k = int(min(V, keep[a]))
+        values, ids = z[a].topk(k, -1)
+        values = values.clamp(min=0)
+        empty = values.sum(-1) == 0
+        values[empty, 0] = 1.0
+        out[a].scatter_(-1, ids, values / values.sum(-1, keepdim=True))
+    return out

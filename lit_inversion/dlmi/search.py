@@ -36,6 +36,9 @@ except ImportError:  # pragma: no cover - older transformers: full forwards
     DynamicCache = None
 
 BIG = 1e6  # one more right leading position outweighs any loss difference
+# A gradient pass (forward and backward of one prompt) counted in candidate evaluations; the budget
+# benchmark measures the real ratio on the run's hardware and prints it next to this.
+GRADIENT_EVALUATIONS = 3
 
 
 @dataclass
@@ -188,6 +191,10 @@ class SwapOptions:
     chunk: int | None = None  # candidates per scoring forward (None: a whole group); halved on out-of-memory
     sampling: str = "random"  # random: a random draw from each position's top-k | greedy: its best untried ones
     distance_weight: float = 0.0  # rank swaps by standardised gain minus this times standardised embedding distance
+    dedupe: bool = False  # Faster-GCG: never score a prompt this target's search has scored before
+    merge: int = 0  # I-GCG: also score the step's best 2..merge single swaps (distinct positions) applied together
+    buffer: int = 0  # ACG: keep the best `buffer` prompts scored; a restart resumes from the best unused one
+    momentum: float = 0.0  # MAC: rank swaps by a momentum of the normalised token gradient (0 = off)
 
 
 @dataclass
@@ -227,12 +234,24 @@ class SwapSearch(nn.Module):
         # The best prompt the search has ranked (restarts start from it, perturbed).
         self.register_buffer("best", prompt.clone())
         self.register_buffer("best_key", torch.tensor(torch.inf, dtype=torch.float64, device=device))
+        # Candidate evaluations spent: prompts scored, plus GRADIENT_EVALUATIONS per gradient pass.
+        self.register_buffer("evaluations", torch.zeros((), dtype=torch.long, device=device))
+        d = scorer.E.shape[1]
+        self.register_buffer("velocity", torch.zeros(N if options.momentum else 0, d, device=device))
+        K = options.buffer
+        self.register_buffer("kept", prompt.repeat(K, 1))
+        self.register_buffer("kept_keys", torch.full((K,), torch.inf, dtype=torch.float64, device=device))
+        # dedupe: every scored prompt X, as "line" hash(X without position q) -> the tokens X[q] seen there,
+        # for each q; the single swaps already scored at position p of a prompt P are the line of (P, p).
+        self.lines: dict[int, set[int]] = {}
 
     def reset(self, prompt: torch.Tensor, forget_best: bool = False) -> None:
         """Start again from `prompt` (a restart; a new phase also forgets the best prompt)."""
         if forget_best:
             self.best.copy_(prompt)
             self.best_key.fill_(torch.inf)
+            self.velocity.zero_()
+            self.kept_keys.fill_(torch.inf)
         self.prompt.copy_(prompt)
         self.tried.zero_()
         self.lead.zero_()
@@ -262,18 +281,24 @@ class SwapSearch(nn.Module):
         prompt = self.prompt.clone()
         while True:
             logits, emb, cache = self.scorer.with_gradient(prompt, target[:w])
+            self.evaluations += GRADIENT_EVALUATIONS
             now, loss = self.rank(logits, target[:w])
             if not (w < n and int(now.lead[0]) == w):
                 break
             w = min(n, w + o.window)  # the window is all right: widen it before searching
         self._note(prompt, int(now.lead[0]), float(now.key[0]))
+        self._remember(prompt[None])
         if int(now.lead[0]) == n and (checked is None or not torch.equal(checked, prompt)):
             return SwapStep(float(now.key[0]), n, now.pred[0], True)  # confirm before moving away
         (grad,) = torch.autograd.grad(loss.sum(), emb)
-        candidates = self._propose(lambda positions: self._gain(grad[0], positions), prompt, target, n_replace)
+        grad = self._with_momentum(grad[0])
+        candidates = self._propose(lambda positions: self._gain(grad, positions), prompt, target, n_replace)
         if len(candidates) == 0:
             return self._stall(now, n)
         keys, leads, preds = self._score(candidates, prompt, target[:w], cache)
+        if o.merge > 1:
+            candidates, keys, leads, preds = self._merged(candidates, keys, leads, preds, prompt, target[:w], cache)
+        self._keep(candidates, keys)
         i = int(keys.argmin())
         if o.accept == "improve" and float(keys[i]) >= float(now.key[0]):
             return self._stall(now, n)
@@ -283,12 +308,95 @@ class SwapSearch(nn.Module):
         self._note(candidates[i], int(leads[i]), float(keys[i]))
         return SwapStep(float(keys[i]), int(leads[i]), preds[i], int(leads[i]) == n and w == n)
 
+    def get_extra_state(self) -> dict:
+        return {"lines": {key: sorted(tokens) for key, tokens in self.lines.items()}}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.lines = {int(key): set(tokens) for key, tokens in state.get("lines", {}).items()}
+
     def _note(self, prompt: torch.Tensor, lead: int, key: float) -> None:
         self.lead.fill_(lead)
         self.key.fill_(key)
         if key < float(self.best_key):
             self.best_key.fill_(key)
             self.best.copy_(prompt)
+
+    def _with_momentum(self, grad: torch.Tensor) -> torch.Tensor:
+        """MAC: the velocity v <- mu v + g / |g| of the prompt gradient [N, d] (the one-hot gradient is
+        linear in it), or the gradient itself without momentum."""
+        mu = self.options.momentum
+        if not mu:
+            return grad
+        self.velocity.mul_(mu).add_(grad.float() / grad.float().norm().clamp(min=1e-12))
+        return self.velocity
+
+    # ----- memory of scored prompts (dedupe) and of the best ones (buffer) -------------------
+    @staticmethod
+    def _line(prompt: list[int], q: int) -> int:
+        return hash((q, tuple(prompt[:q]), tuple(prompt[q + 1 :])))
+
+    def _remember(self, prompts: torch.Tensor) -> None:
+        if not self.options.dedupe:
+            return
+        for row in prompts.tolist():
+            for q, token in enumerate(row):
+                self.lines.setdefault(self._line(row, q), set()).add(token)
+
+    def _seen(self, prompts: torch.Tensor) -> torch.Tensor:
+        """[C] bool: which prompts [C, N] were scored before."""
+        rows = prompts.tolist()
+        return torch.tensor([row[0] in self.lines.get(self._line(row, 0), ()) for row in rows],
+                            dtype=torch.bool, device=prompts.device)
+
+    def _keep(self, candidates: torch.Tensor, keys: torch.Tensor) -> None:
+        """ACG's buffer: the `buffer` best distinct prompts scored so far, with their keys."""
+        K = self.options.buffer
+        if not K:
+            return
+        prompts = torch.cat([self.kept, candidates])
+        all_keys = torch.cat([self.kept_keys, keys.to(self.kept_keys.dtype)])
+        order = all_keys.argsort()
+        chosen: list[int] = []
+        for i in order.tolist():
+            if len(chosen) == K or not torch.isfinite(all_keys[i]):
+                break
+            if all(not torch.equal(prompts[i], prompts[j]) for j in chosen):
+                chosen.append(i)
+        index = torch.tensor(chosen, dtype=torch.long, device=prompts.device)
+        self.kept_keys.fill_(torch.inf)
+        self.kept[: len(chosen)] = prompts[index]
+        self.kept_keys[: len(chosen)] = all_keys[index]
+
+    def _merged(self, candidates: torch.Tensor, keys: torch.Tensor, leads: torch.Tensor, preds: torch.Tensor,
+                prompt: torch.Tensor, target: torch.Tensor, cache):
+        """I-GCG's multi-coordinate update: the best single swaps at distinct positions applied together
+        (the best two, three, .. `merge`), scored and appended to the step's candidates."""
+        changed = candidates != prompt
+        single = changed.sum(1) == 1
+        position = changed.long().argmax(1)
+        picks, used = [], set()
+        for i in keys.argsort().tolist():
+            p = int(position[i])
+            if single[i] and p not in used:
+                picks.append(i)
+                used.add(p)
+            if len(picks) == self.options.merge:
+                break
+        merged, current = [], prompt.clone()
+        for i in picks:
+            current = current.clone()
+            current[position[i]] = candidates[i, position[i]]
+            merged.append(current)
+        merged = merged[1:]  # the first is a single swap, already scored
+        if not merged:
+            return candidates, keys, leads, preds
+        merged = self._filter(torch.stack(merged), prompt, target)
+        if self.options.dedupe and len(merged):
+            merged = merged[~self._seen(merged)]
+        if not len(merged):
+            return candidates, keys, leads, preds
+        k, l, p = self._score(merged, prompt, target, cache)
+        return (torch.cat([candidates, merged]), torch.cat([keys, k]), torch.cat([leads, l]), torch.cat([preds, p]))
 
     def _gain(self, grad: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """[P, V] the first-order gain -grad . e_v of each swap at `positions`, from the gradient [N, d] at
@@ -311,6 +419,12 @@ class SwapSearch(nn.Module):
         blocked = ~self.allowed[None].expand(N, -1).clone()
         if o.no_revisit:
             blocked |= self.tried
+        if o.dedupe:
+            row = prompt.tolist()
+            for q in range(N):
+                seen = self.lines.get(self._line(row, q))
+                if seen:
+                    blocked[q, torch.tensor(sorted(seen), dtype=torch.long, device=blocked.device)] = True
         blocked[torch.arange(N, device=prompt.device), prompt] = True  # a swap must change the token
         k = min(o.topk, V)
         finite = (~blocked).sum(1).clamp(max=k)  # usable tokens per position (in its top-k)
@@ -345,6 +459,9 @@ class SwapSearch(nn.Module):
             index = (torch.rand(C, r, generator=g, device=g.device) * finite[where]).long()  # where: [C, r]
             candidates = prompt.repeat(C, 1)
             candidates.scatter_(1, where, top[where, index])
+            if o.dedupe:
+                candidates = candidates.unique(dim=0)
+                candidates = candidates[~self._seen(candidates)]
         return self._filter(candidates, prompt, target)
 
     def _filter(self, candidates: torch.Tensor, prompt: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -367,6 +484,8 @@ class SwapSearch(nn.Module):
                cache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keys [C], leads [C], teacher-forced argmax [C, w]), scored in groups sharing the prompt
         before their first changed position (one cached prefix per group)."""
+        self.evaluations += len(candidates)
+        self._remember(candidates)
         first = (candidates != prompt).long().argmax(1)
         device = candidates.device
         keys = torch.empty(len(candidates), dtype=torch.float64, device=device)
@@ -401,6 +520,13 @@ class SwapSearch(nn.Module):
         if len(self.seeds):
             self.reset(self.seeds[int(self.restarts) % len(self.seeds)])
             return
+        if self.options.buffer:
+            others = torch.isfinite(self.kept_keys) & (self.kept != self.prompt).any(1)
+            if others.any():  # the best kept prompt other than this one, taken out of the buffer
+                i = int(torch.where(others, self.kept_keys, torch.inf).argmin())
+                self.kept_keys[i] = torch.inf
+                self.reset(self.kept[i].clone())
+                return
         changed = self.best.clone()
         if self.random_prompt is not None and self.options.restart_swaps:
             fresh = self.random_prompt()
