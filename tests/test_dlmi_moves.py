@@ -94,8 +94,8 @@ def test_merge_scores_the_best_single_swaps_applied_together(tiny, monkeypatch):
     calls = []
     original = swap._score
 
-    def score(candidates, *args):
-        out = original(candidates, *args)
+    def score(candidates, *args, **kwargs):
+        out = original(candidates, *args, **kwargs)
         calls.append((candidates.clone(), out[0].clone()))
         return out
 

@@ -395,7 +395,7 @@ class SwapSearch(nn.Module):
             merged = merged[~self._seen(merged)]
         if not len(merged):
             return candidates, keys, leads, preds
-        k, l, p = self._score(merged, prompt, target, cache)
+        k, l, p = self._score(merged, prompt, target, cache, together=True)
         return (torch.cat([candidates, merged]), torch.cat([keys, k]), torch.cat([leads, l]), torch.cat([preds, p]))
 
     def _gain(self, grad: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -481,12 +481,15 @@ class SwapSearch(nn.Module):
         return candidates[keep]
 
     def _score(self, candidates: torch.Tensor, prompt: torch.Tensor, target: torch.Tensor,
-               cache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               cache, together: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keys [C], leads [C], teacher-forced argmax [C, w]), scored in groups sharing the prompt
-        before their first changed position (one cached prefix per group)."""
+        before their first changed position (one cached prefix per group); `together`: one group from
+        the earliest such position (a few candidates: one forward costs less than several)."""
         self.evaluations += len(candidates)
         self._remember(candidates)
         first = (candidates != prompt).long().argmax(1)
+        if together:
+            first = first.min().expand(len(first))
         device = candidates.device
         keys = torch.empty(len(candidates), dtype=torch.float64, device=device)
         leads = torch.empty(len(candidates), dtype=torch.long, device=device)
