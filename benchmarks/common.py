@@ -54,7 +54,12 @@ def commit() -> str | None:
     return head + ("-dirty" if dirty else "")
 
 
+# The commit and date when the script started: a long run's JSON is saved after each method, and the tree
+# may be committed or edited meanwhile; the code it runs is the code it imported.
+_STARTED = {"commit": commit(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
 def run_record() -> dict:
     """What every benchmark JSON records about its run, for the generated pages in docs/results/: the command
-    that reproduces it, the commit it ran at and the date."""
-    return {"command": command(), "commit": commit(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    that reproduces it, and the commit and date at which it started."""
+    return {"command": command(), **_STARTED}

@@ -86,7 +86,9 @@ ABLATION = {
     "dlmi-buffer": dict(refine_buffer=16),  # ACG: restarts from a buffer of the best prompts
     "dlmi-momentum": dict(refine_momentum=0.5),  # MAC: momentum on the token gradient
     "dlmi-adc": dict(relaxed_method="adc", num_steps=256, refine_fraction=0.5),  # ADC+: 128 ADC steps, then the search
-    "dlmi-beast": dict(beam_positions=4),  # a BEAST beam over the last 4 positions as the start
+    "dlmi-beast": dict(beam_positions=4),  # a BEAST beam over the last 4 positions as the start (the default since)
+    "dlmi-merge-beast": dict(refine_merge=4, beam_positions=4),  # the two that won alone, together
+    "dlmi-no-beam": dict(beam_positions=0),  # the default before the beam: a random (or one-token fill) start
 }
 for _name, _change in ABLATION.items():
     METHODS[_name] = lambda args, _change=_change, **kw: method_config("dlmi", **{**kw, **_change})

@@ -47,6 +47,13 @@ METHOD_NAMES = {
     "gcg-scaled": "GCG (nanoGCG defaults, width scaled)",
     "gcg-nano": "GCG (nanoGCG defaults, width 512)",
     "null": "null prompt (no optimisation)",
+    "dlmi-dedupe": "DLMI + Faster-GCG dedupe (refine_dedupe)",
+    "dlmi-merge": "DLMI + I-GCG merge (refine_merge 4)",
+    "dlmi-buffer": "DLMI + ACG buffer (refine_buffer 16)",
+    "dlmi-momentum": "DLMI + MAC momentum (refine_momentum 0.5)",
+    "dlmi-adc": "DLMI after ADC (relaxed_method adc, 128 steps)",
+    "dlmi-beast": "DLMI from a BEAST beam (beam_positions 4)",
+    "dlmi-merge-beast": "DLMI + merge, from a BEAST beam",
 }
 # Methods with a temperature worth plotting: GCG is discrete (tau 0), REINFORCE samples softmax(Z) (tau 1).
 TAU_METHODS = ("paper", "dlmi", "dlmi-repeat", "gbda")
@@ -583,6 +590,8 @@ def section_budget(source: Source, figures: Figures) -> list[str]:
              "evaluations pass the budget. Reachable targets are greedy continuations of a fresh 20-token prompt "
              "(natural text or random tokens) that does not copy them; `null` is N newline tokens.", "",
              f"Budgets: {'; '.join(setup)}. Rows: `{source.name}`.", ""]
+    if d.get("note"):  # what the run's figures need said next to them (e.g. a shared machine)
+        lines += [f"Note: {d['note']}", ""]
     for label, of_kind in budget_groups(rows):
         lines += figures.add(f"{source.stem}_{slug(label)}",
                              lambda plt, of_kind=of_kind, label=label: figure_budget(plt, of_kind, label),

@@ -187,7 +187,6 @@ def test_each_option_reaches_exact_match_without_copying(tiny, options):
     (dict(relaxed_method="sgd"), "relaxed_method must be one of gumbel, adc"),
     (dict(refine_momentum=1.0), "refine_momentum must be in \\[0, 1\\)"),
     (dict(refine_merge=-1), "refine_merge, refine_buffer and beam_positions must be 0 \\(off\\) or positive"),
-    (dict(beam_positions=9), "beam_positions \\(9\\) must not exceed prompt_length \\(4\\)"),
 ])
 def test_bad_move_options_name_the_problem(options, message):
     with pytest.raises(InversionError, match=message):

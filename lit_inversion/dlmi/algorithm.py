@@ -272,9 +272,10 @@ class DlmiBatch(TargetBatch):
             return self._objective(self._target_logits(self._embeddings[prompts], rows), rows)[0]
 
     def _start_refinement(self, b: int) -> None:
-        """Start target b's search from argmax Z after a relaxed phase; from the copy seed with
-        init="repeat"; else from the best-ranked of a random prompt and one-token fills (the anchors
-        repeated), within the copy limit."""
+        """Start target b's search from argmax Z (ADC: its best rounded prompt) after a relaxed phase;
+        from the copy seed with init="repeat"; else from the best-ranked of a random prompt and one-token
+        fills (the anchors repeated), within the copy limit, its last positions then re-drawn by a BEAST
+        beam (`beam_positions`)."""
         c = self.config
         if c.relaxed_steps > 0:
             start = self.rounded[b] if c.relaxed_method == "adc" else self.argmax_prompts()[b]
@@ -291,8 +292,8 @@ class DlmiBatch(TargetBatch):
             options = torch.stack(options)
             start = options[self._discrete_key(options, torch.full((len(options),), b, device=self.device)).argmin()]
             self.spent[b] += len(options)
-        if c.beam_positions and c.init != "repeat":
-            start = self._beam_start(b, start)
+            if c.beam_positions:
+                start = self._beam_start(b, start)
         self.searches[b].reset(start, forget_best=True)
 
     def _within_copy_limit(self, b: int, prompt: torch.Tensor) -> torch.Tensor:
@@ -315,7 +316,7 @@ class DlmiBatch(TargetBatch):
         target = self.target(b).tolist()
         beams = start[None]
         prefix = torch.tensor(self.prefix, dtype=torch.long, device=self.device)
-        for p in range(c.prompt_length - c.beam_positions, c.prompt_length):
+        for p in range(max(0, c.prompt_length - c.beam_positions), c.prompt_length):
             ids = torch.cat([prefix.expand(len(beams), -1), beams[:, :p]], 1)
             if ids.shape[1]:
                 with self._autocast():

@@ -196,9 +196,10 @@ class DlmiConfig(OutputConfig):
     instead of re-drawing positions of the best (0: off)."""
     refine_momentum: float = 0.0
     """MAC: rank swaps by a momentum (this decay) of the normalised token gradient (0: off)."""
-    beam_positions: int = 0
-    """BEAST: before the search, a beam search over the last beam_positions prompt positions, each
-    drawing beam_samples tokens per beam from the model's own next-token distribution (0: off)."""
+    beam_positions: int = 4
+    """BEAST: a search that starts from random tokens (no relaxed phase, no repeat init) first runs a
+    beam over the last beam_positions prompt positions (at most prompt_length), each kept prompt drawing
+    beam_samples tokens there from the model's own next-token distribution (0: off)."""
     beam_width: int = 8
     """BEAST: prompts kept per position of the start beam."""
     beam_samples: int = 8
@@ -243,8 +244,6 @@ class DlmiConfig(OutputConfig):
         checks.need(self.refine_merge >= 0 and self.refine_buffer >= 0 and self.beam_positions >= 0,
                     "refine_merge, refine_buffer and beam_positions must be 0 (off) or positive")
         checks.need(0 <= self.refine_momentum < 1, f"refine_momentum must be in [0, 1) (got {self.refine_momentum})")
-        checks.need(self.beam_positions <= self.prompt_length,
-                    f"beam_positions ({self.beam_positions}) must not exceed prompt_length ({self.prompt_length})")
         checks.positive(self, "beam_width", "beam_samples")
         checks.one_of(self, "refine_objective", OBJECTIVES)
         checks.one_of(self, "refine_accept", ACCEPTS)
