@@ -324,8 +324,9 @@ class DlmiBatch(TargetBatch):
             else:  # no context at all: uniform over the allowed tokens
                 logits = torch.zeros(len(beams), self.allowed.shape[1], device=self.device)
             probs = torch.softmax(logits.masked_fill(~self.allowed[b], -torch.inf), -1)
-            tokens = torch.multinomial(probs, c.beam_samples, generator=g)  # [K, S] without replacement
-            candidates = beams.repeat_interleave(c.beam_samples, 0)
+            draws = min(c.beam_samples, int((probs[0] > 0).sum()))
+            tokens = torch.multinomial(probs, draws, generator=g)  # [K, S] without replacement
+            candidates = beams.repeat_interleave(draws, 0)
             candidates[:, p] = tokens.flatten()
             candidates = candidates.unique(dim=0)
             keys = self._discrete_key(candidates, torch.full((len(candidates),), b, device=self.device))

@@ -16,6 +16,11 @@ option sets of it (`SwapOptions`): the ranking (`lead`: right prefix first, then
 over a window; `mean`: GCG's mean cross-entropy with a full match winning), the acceptance rule
 (`improve`: move only to a better prompt; `best`: always move to the best candidate, as nanoGCG
 without a buffer), and the filters (allowed tokens, copy limit, decode -> encode round trip).
+
+Move-set options from the GCG literature, each off unless set: `dedupe` (Faster-GCG: no prompt is
+scored twice), `merge` (I-GCG: the step's best single swaps also applied together), `buffer` (ACG:
+restarts from the best prompts kept), `momentum` (MAC: a momentum of the token gradient ranks swaps).
+Every search counts the candidate evaluations it spends (`evaluations`), which budgets compare.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ except ImportError:  # pragma: no cover - older transformers: full forwards
 
 BIG = 1e6  # one more right leading position outweighs any loss difference
 # A gradient pass (forward and backward of one prompt) counted in candidate evaluations; the budget
-# benchmark measures the real ratio on the run's hardware and prints it next to this.
+# benchmark sets it to the ratio it measures on its hardware (2.1-2.3 forwards for SmolLM2 on a CPU).
 GRADIENT_EVALUATIONS = 3
 
 
