@@ -164,7 +164,8 @@ def test_adc_warm_start_hands_its_best_rounded_prompt_to_the_search(tiny):
 
 
 def test_beam_start_changes_only_the_last_positions(tiny):
-    config = DlmiConfig(**SEARCH, beam_positions=2, beam_width=3, beam_samples=4)
+    # 4 positions asked of a 4-token prompt: the beam re-draws the last half only.
+    config = DlmiConfig(**SEARCH, beam_positions=4, beam_width=3, beam_samples=4)
     batch = DlmiBatch(tiny, [[9, 10, 11, 12, 13]], config)
     start = batch._random_prompt(0)
     prompt = batch._beam_start(0, start.clone())

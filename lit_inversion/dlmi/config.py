@@ -198,7 +198,7 @@ class DlmiConfig(OutputConfig):
     """MAC: rank swaps by a momentum (this decay) of the normalised token gradient (0: off)."""
     beam_positions: int = 4
     """BEAST: a search that starts from random tokens (no relaxed phase, no repeat init) first runs a
-    beam over the last beam_positions prompt positions (at most prompt_length), each kept prompt drawing
+    beam over the last beam_positions prompt positions (at most half the prompt), each kept prompt drawing
     beam_samples tokens there from the model's own next-token distribution (0: off)."""
     beam_width: int = 8
     """BEAST: prompts kept per position of the start beam."""
