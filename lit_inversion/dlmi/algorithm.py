@@ -30,7 +30,7 @@ from torch import nn
 from lit_inversion.dlmi import relax, search
 from lit_inversion.dlmi.batch import StepStats, TargetBatch, anchor_ids, repeat_prompt
 from lit_inversion.dlmi.config import DlmiConfig
-from lit_inversion.metrics import lcs_length, lcs_ratio
+from lit_inversion.metrics import lcs_ratio
 
 
 class DlmiBatch(TargetBatch):
@@ -283,11 +283,10 @@ class DlmiBatch(TargetBatch):
         elif c.init == "repeat":
             start = self.seeds[b, 0]
         else:
-            target = self.target(b).tolist()
             options = [self._random_prompt(b)]
             for a in anchor_ids(self.loaded.tokenizer, c.init_anchors):
                 fill = [a] * c.prompt_length
-                if self.allowed[b, a] and lcs_length(fill, target) <= self.copy_limit * len(target):
+                if self.allowed[b, a] and not self._copies(b, fill):
                     options.append(torch.tensor(fill, device=self.device))
             options = torch.stack(options)
             start = options[self._discrete_key(options, torch.full((len(options),), b, device=self.device)).argmin()]
@@ -301,7 +300,7 @@ class DlmiBatch(TargetBatch):
         target = self.target(b).tolist()
         fresh = self._random_prompt(b)
         for p in range(len(prompt)):
-            if lcs_length(prompt.tolist(), target) <= self.copy_limit * len(target):
+            if not self._copies(b, prompt.tolist()):
                 break
             if int(prompt[p]) in target:
                 prompt[p] = fresh[p]
@@ -313,18 +312,15 @@ class DlmiBatch(TargetBatch):
         prompt draws `beam_samples` tokens at the position from the model's own next-token distribution
         (allowed tokens only), and the `beam_width` best-ranked prompts go on."""
         c, g = self.config, self.generators[b]
-        target = self.target(b).tolist()
         beams = start[None]
         prefix = torch.tensor(self.prefix, dtype=torch.long, device=self.device)
-        # At most half the prompt: on a 5-token prompt a 4-position beam left the search at LCS 0.33 where
-        # 2 positions (and no beam) matched a 3-token target (tests/test_real_model.py).
+        # At most half the prompt (so p >= 1: every draw has context): on a 5-token prompt a 4-position
+        # beam left the search at LCS 0.33 where 2 positions (and no beam) matched a 3-token target
+        # (tests/test_real_model.py).
         for p in range(c.prompt_length - min(c.beam_positions, c.prompt_length // 2), c.prompt_length):
             ids = torch.cat([prefix.expand(len(beams), -1), beams[:, :p]], 1)
-            if ids.shape[1]:
-                with self._autocast():
-                    logits = self.loaded.model(input_ids=ids, logits_to_keep=1).logits[:, -1].float()
-            else:  # no context at all: uniform over the allowed tokens
-                logits = torch.zeros(len(beams), self.allowed.shape[1], device=self.device)
+            with self._autocast():
+                logits = self.loaded.model(input_ids=ids, logits_to_keep=1).logits[:, -1].float()
             probs = torch.softmax(logits.masked_fill(~self.allowed[b], -torch.inf), -1)
             draws = min(c.beam_samples, int((probs[0] > 0).sum()))
             tokens = torch.multinomial(probs, draws, generator=g)  # [K, S] without replacement
@@ -332,8 +328,8 @@ class DlmiBatch(TargetBatch):
             candidates[:, p] = tokens.flatten()
             candidates = candidates.unique(dim=0)
             keys = self._discrete_key(candidates, torch.full((len(candidates),), b, device=self.device))
-            copying = torch.tensor([lcs_length(row, target) > self.copy_limit * len(target)
-                                    for row in candidates.tolist()], device=self.device)
+            copying = torch.tensor([self._copies(b, row) for row in candidates.tolist()], dtype=torch.bool,
+                                   device=self.device)
             keys = keys.masked_fill(copying, torch.inf)
             self.spent[b] += len(beams) + len(candidates)
             beams = candidates[keys.argsort()[: c.beam_width]]

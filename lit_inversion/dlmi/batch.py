@@ -279,13 +279,17 @@ class TargetBatch(nn.Module):
     def _random_prompt(self, b: int) -> torch.Tensor:
         """Random allowed tokens for target b, drawn from its generator, within the copy limit."""
         choices = torch.nonzero(self.allowed[b]).flatten()
-        target = self.target(b).tolist()
         for _ in range(100):
             prompt = choices[torch.randint(len(choices), (self.config.prompt_length,), generator=self.generators[b],
                                            device=self.device)]
-            if lcs_length(prompt.tolist(), target) <= self.copy_limit * len(target):
+            if not self._copies(b, prompt.tolist()):
                 break
         return prompt
+
+    def _copies(self, b: int, prompt: list[int]) -> bool:
+        """Whether `prompt` shares more of target b than the copy limit allows."""
+        target = self.target(b).tolist()
+        return lcs_length(prompt, target) > self.copy_limit * len(target)
 
     def _scorer(self) -> search.PromptScorer:
         if getattr(self, "_prompt_scorer", None) is None:
