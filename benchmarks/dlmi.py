@@ -71,6 +71,7 @@ METHODS = {
 RELAXED_FIRST = dict(num_steps=128, refine_fraction=0.75)
 ABLATION = {
     "dlmi-no-curriculum": dict(search_window=0),  # score the whole target from the start
+    "dlmi-window8": dict(search_window=8),  # a wider curriculum window
     "dlmi-ce": dict(refine_objective="ce"),  # mean cross-entropy instead of the per-position hinge
     "dlmi-no-restarts": dict(refine_patience=0),
     "dlmi-best": dict(refine_accept="best"),  # always move to the best candidate (GCG), not only to a better prompt

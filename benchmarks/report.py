@@ -533,14 +533,24 @@ def budget_cell(rs: list[dict]) -> str:
             f"lead {statistics.mean(r['lead'] for r in rs):.2f}")
 
 
-def budget_summary(source: Source) -> tuple[str | None, list[list[str]]]:
-    """At the largest budget, over every target: per method honest LCS, exact, lead, seconds, and the
-    honest LCS against GCG's (the first GCG variant present; else the DLMI default's)."""
+def budget_summary(source: Source) -> tuple[str | None, str, list[list[str]]]:
+    """At the largest budget: per method honest LCS, exact, lead, seconds, and the honest LCS against
+    the strongest GCG variant present (else the DLMI default). Over the reachable targets when the run
+    has any (the ones a solution is known to exist for), else over every target. Returns the method
+    compared with, which targets ("reachable" or "every") and the rows."""
     rows, top = source.rows, max(source.data["budgets"])
     last = [r for r in rows if r["budget"] == top]
-    # Against GCG; a run of DLMI's options alone (no GCG) is against the default.
-    gcg = next((m for m in ("gcg-nano", "gcg-scaled", "gcg", "dlmi") if any(r["method"] == m for r in last)), None)
-    base = statistics.mean(r["honest"] for r in last if r["method"] == gcg) if gcg else None
+    reachable = [r for r in last if r["kind"].startswith("reachable")]
+    over = "reachable" if reachable else "every"
+    last = reachable or last
+
+    def mean_honest(method: str) -> float:
+        return statistics.mean(r["honest"] for r in last if r["method"] == method)
+
+    # Against GCG (its best variant in the run); a run of DLMI's options alone is against the default.
+    gcgs = [m for m in ("gcg-nano", "gcg-scaled", "gcg") if any(r["method"] == m for r in last)]
+    gcg = max(gcgs, key=mean_honest) if gcgs else ("dlmi" if any(r["method"] == "dlmi" for r in last) else None)
+    base = mean_honest(gcg) if gcg else None
     out = []
     for method in methods_of(last):
         rs = [r for r in last if r["method"] == method]
@@ -548,7 +558,7 @@ def budget_summary(source: Source) -> tuple[str | None, list[list[str]]]:
         out.append([method_name(method), f"{honest:.2f}", f"{sum(bool(r['exact']) for r in rs)}/{len(rs)}",
                     f"{statistics.mean(r['lead'] for r in rs):.2f}", seconds(statistics.mean(r["seconds"] for r in rs)),
                     "–" if not base else f"{honest / base:.2f}x"])
-    return gcg, out
+    return gcg, over, out
 
 
 def slug(text: str) -> str:
@@ -600,10 +610,12 @@ def section_budget(source: Source, figures: Figures) -> list[str]:
                                           for b in budgets] for m in methods_of(of_kind)]
         lines += captioned(f"{label}, {plural(len({r['id'] for r in of_kind}), 'target')}", source.runs[0],
                            ["method"] + [f"{b} evaluations" for b in budgets], table_rows)
-    gcg, summary = budget_summary(source)
-    against = f"the ratio is to `{gcg}`, {method_name(gcg)}" if gcg else "no GCG run to compare with"
+    gcg, over, summary = budget_summary(source)
+    strongest = "the stronger GCG arm, " if gcg != "dlmi" and len({"gcg-nano", "gcg-scaled", "gcg"} & set(methods_of(rows))) > 1 else ""
+    against = f"the ratio is to {strongest}`{gcg}`, {method_name(gcg)}" if gcg else "no GCG run to compare with"
     versus = "the default" if gcg == "dlmi" else "GCG"
-    lines += captioned(f"At {budgets[-1]} evaluations, every target ({against})", source.runs[0],
+    targets = "the reachable targets" if over == "reachable" else "every target"
+    lines += captioned(f"At {budgets[-1]} evaluations, {targets} ({against})", source.runs[0],
                        ["method", "honest LCS", "exact", "lead", "seconds per target", f"honest LCS vs {versus}"],
                        summary)
     return lines
@@ -869,9 +881,11 @@ def readme_output(sources: list[Source]) -> list[str]:
         source = budget[0]
         top = max(source.data["budgets"])
         last = [r for r in source.rows if r["budget"] == top]
+        gcg, over, summary = budget_summary(source)
+        if over == "reachable":
+            last = [r for r in last if r["kind"].startswith("reachable")]
         kinds = ", ".join(f"{len({r['id'] for r in last if r['kind'] == k})} {k}"
                           for k in dict.fromkeys(r["kind"] for r in last))
-        gcg, summary = budget_summary(source)
         rows = [row[:4] + row[5:] for row in summary]  # without the seconds: the page has them
         return captioned(f"Output → prompt at {top} candidate evaluations per target ({kinds})", source.runs[0],
                          ["method", "honest LCS", "exact", "lead", "honest LCS vs GCG"], rows)

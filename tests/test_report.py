@@ -225,9 +225,10 @@ def test_budget_curves_are_rendered(tmp_path, monkeypatch):
     path.write_text(json.dumps(budget_json()))
     (source,) = report.load_sources([path])
     assert source.kind == "dlmi-budget"
-    gcg, summary = report.budget_summary(source)
-    # At 20 evaluations over 4 targets: dlmi (0.75 + 0.5 + 0.75 + 0.75) / 4, against gcg-scaled's 0.25.
-    assert gcg == "gcg-scaled" and summary[0] == ["DLMI (lit-inversion)", "0.69", "3/4", "0.34", "20.0", "2.75x"]
+    gcg, over, summary = report.budget_summary(source)
+    # At 20 evaluations over the 3 reachable targets: dlmi (0.75 + 0.5 + 0.75) / 3, against gcg-scaled's 0.25.
+    assert gcg == "gcg-scaled" and over == "reachable"
+    assert summary[0] == ["DLMI (lit-inversion)", "0.67", "2/3", "0.33", "20.0", "2.67x"]
     assert summary[-1][0] == "null prompt (no optimisation)"
     text = read_pages(report.main([str(path), "--out", str(tmp_path / "out")]))
     assert "## Budget curves (equal candidate evaluations)" in text
@@ -235,7 +236,8 @@ def test_budget_curves_are_rendered(tmp_path, monkeypatch):
     assert "| DLMI (lit-inversion) | 0.50 · 0/2 · lead 0.25 | 0.62 · 1/2 · lead 0.31 |" in text  # reachable natural
     assert "reachable random, 1 target, from `python benchmarks/dlmi.py --budgets 10 20` at commit `abc1234` " \
            "(tiny-test, CPU test, 1 threads, 2026-12-03):" in text
-    assert "the ratio is to `gcg-scaled`, GCG (nanoGCG defaults, width scaled)" in text
+    assert "At 20 evaluations, the reachable targets (the ratio is to `gcg-scaled`, GCG (nanoGCG defaults, width " \
+           "scaled))" in text
     assert "GCG search width 32" in text
     for name in ("reachable_natural", "reachable_random", "k_1"):
         assert f"](dlmi_budget_{name}.png)" in text  # named whether or not matplotlib draws it
@@ -243,6 +245,24 @@ def test_budget_curves_are_rendered(tmp_path, monkeypatch):
     path.write_text(json.dumps(budget_json(lengths=(10, 20))))
     text = read_pages(report.main([str(path), "--out", str(tmp_path / "out")]))
     assert "](dlmi_budget_n_10_k_1.png)" in text and "N = 20, reachable random, 1 target" in text
+
+
+def test_budget_ratio_is_against_the_stronger_gcg_arm(tmp_path, monkeypatch):
+    """With both GCG arms in a run, the ratio is to the one with the higher honest LCS on the reachable targets."""
+    monkeypatch.setattr(report, "load_pyplot", lambda: None)
+    data = budget_json(methods=("dlmi", "gcg-nano", "gcg-scaled"))
+    for row in data["rows"]:
+        if row["method"] == "gcg-nano":
+            row["honest"] = 0.5
+    path = tmp_path / "dlmi_budget.json"
+    path.write_text(json.dumps(data))
+    (source,) = report.load_sources([path])
+    gcg, over, summary = report.budget_summary(source)
+    ratios = {row[0]: row[-1] for row in summary}
+    assert gcg == "gcg-nano" and ratios["DLMI (lit-inversion)"] == "1.33x"
+    assert ratios[report.method_name("gcg-scaled")] == "0.50x"
+    text = read_pages(report.main([str(path), "--out", str(tmp_path / "out")]))
+    assert "the ratio is to the stronger GCG arm, `gcg-nano`" in text
 
 
 def test_budget_figures(tmp_path):
@@ -277,8 +297,9 @@ def test_readme_block_picks_its_inputs(tmp_path):
     assert "| layer | exact | s/token | candidates/token, mean (max) | speed-up over the reference loop |" in block
     assert "| 1 | 4/4 | 0.15 | 64 (640) | 20x |" in block and "| 15 | 4/4 | 2.25 | 960 (9600) | ≥ 30x |" in block
     # dlmi_budget.json over dlmi_equal_time.json: its largest budget, every target.
-    assert "Output → prompt at 20 candidate evaluations per target (2 reachable natural, 1 reachable random, 1 k = 1)" in block
-    assert "| DLMI (lit-inversion) | 0.69 | 3/4 | 0.34 |" in block and "command not recorded" not in block.split("Output")[1]
+    # Over the reachable targets only: a solution is known to exist for them.
+    assert "Output → prompt at 20 candidate evaluations per target (2 reachable natural, 1 reachable random)" in block
+    assert "| DLMI (lit-inversion) | 0.67 | 2/3 | 0.33 |" in block and "command not recorded" not in block.split("Output")[1]
 
     # The fallbacks: sipit_20.json (no reference loop: no speed-up column), dlmi_equal_time.json at N = 20.
     equal = dlmi_json()

@@ -176,8 +176,9 @@ class DlmiConfig(OutputConfig):
     """hinge: relu(best other logit - target logit + margin), or ce."""
     margin: float = 1.0
     """The hinge's margin: right positions keep this logit gap."""
-    search_window: int = 4
-    """Score the right prefix plus this many target positions (0: the whole target)."""
+    search_window: int = 8
+    """Score the right prefix plus this many target positions (0: the whole target). Wider scores
+    more of the target per candidate (better honest LCS per evaluation) at a longer forward."""
     refine_accept: str = "improve"
     """improve: move only to a better prompt (restarts after refine_patience steps without one); best:
     always move to the best candidate, as GCG."""
