@@ -533,22 +533,29 @@ def budget_cell(rs: list[dict]) -> str:
             f"lead {statistics.mean(r['lead'] for r in rs):.2f}")
 
 
+GCG_ARMS = ("gcg-nano", "gcg-scaled", "gcg")
+
+
+def summary_rows(source: Source) -> tuple[str, list[dict]]:
+    """The largest budget's rows a summary covers: the reachable targets when the run has any (a
+    solution is known to exist for them), else every target; with "reachable" or "every"."""
+    last = [r for r in source.rows if r["budget"] == max(source.data["budgets"])]
+    reachable = [r for r in last if r["kind"].startswith("reachable")]
+    return ("reachable", reachable) if reachable else ("every", last)
+
+
 def budget_summary(source: Source) -> tuple[str | None, str, list[list[str]]]:
     """At the largest budget: per method honest LCS, exact, lead, seconds, and the honest LCS against
     the strongest GCG variant present (else the DLMI default). Over the reachable targets when the run
     has any (the ones a solution is known to exist for), else over every target. Returns the method
     compared with, which targets ("reachable" or "every") and the rows."""
-    rows, top = source.rows, max(source.data["budgets"])
-    last = [r for r in rows if r["budget"] == top]
-    reachable = [r for r in last if r["kind"].startswith("reachable")]
-    over = "reachable" if reachable else "every"
-    last = reachable or last
+    over, last = summary_rows(source)
 
     def mean_honest(method: str) -> float:
         return statistics.mean(r["honest"] for r in last if r["method"] == method)
 
     # Against GCG (its best variant in the run); a run of DLMI's options alone is against the default.
-    gcgs = [m for m in ("gcg-nano", "gcg-scaled", "gcg") if any(r["method"] == m for r in last)]
+    gcgs = [m for m in GCG_ARMS if any(r["method"] == m for r in last)]
     gcg = max(gcgs, key=mean_honest) if gcgs else ("dlmi" if any(r["method"] == "dlmi" for r in last) else None)
     base = mean_honest(gcg) if gcg else None
     out = []
@@ -611,7 +618,7 @@ def section_budget(source: Source, figures: Figures) -> list[str]:
         lines += captioned(f"{label}, {plural(len({r['id'] for r in of_kind}), 'target')}", source.runs[0],
                            ["method"] + [f"{b} evaluations" for b in budgets], table_rows)
     gcg, over, summary = budget_summary(source)
-    strongest = "the stronger GCG arm, " if gcg != "dlmi" and len({"gcg-nano", "gcg-scaled", "gcg"} & set(methods_of(rows))) > 1 else ""
+    strongest = "the stronger GCG arm, " if gcg != "dlmi" and len(set(GCG_ARMS) & set(methods_of(rows))) > 1 else ""
     against = f"the ratio is to {strongest}`{gcg}`, {method_name(gcg)}" if gcg else "no GCG run to compare with"
     versus = "the default" if gcg == "dlmi" else "GCG"
     targets = "the reachable targets" if over == "reachable" else "every target"
@@ -880,10 +887,8 @@ def readme_output(sources: list[Source]) -> list[str]:
     if budget:
         source = budget[0]
         top = max(source.data["budgets"])
-        last = [r for r in source.rows if r["budget"] == top]
-        gcg, over, summary = budget_summary(source)
-        if over == "reachable":
-            last = [r for r in last if r["kind"].startswith("reachable")]
+        _, last = summary_rows(source)
+        _, _, summary = budget_summary(source)
         kinds = ", ".join(f"{len({r['id'] for r in last if r['kind'] == k})} {k}"
                           for k in dict.fromkeys(r["kind"] for r in last))
         rows = [row[:4] + row[5:] for row in summary]  # without the seconds: the page has them
