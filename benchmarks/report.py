@@ -124,6 +124,10 @@ class Source:
         return [Run(r.get("command"), r.get("commit"), r.get("date") or d.get("date") or measured.get("date") or NOT_SET,
                     hardware, model) for r in d.get("runs") or [d]]
 
+    def runs_behind(self, rows: list[dict]) -> list[Run]:
+        """The runs that wrote these rows, in order."""
+        return [run for i, run in enumerate(self.runs) if any(r.get("run", 0) == i for r in rows)]
+
     def rows_of(self, run: int) -> list[dict]:
         """The rows one run wrote (a merged JSON numbers its runs in each row's `run`)."""
         return [r for r in self.rows if r.get("run", 0) == run]
@@ -181,9 +185,10 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), "|" + "---|" * len(header)] + [line(r) for r in rows]
 
 
-def captioned(title: str, run: Run, header: list[str], rows: list[list[str]]) -> list[str]:
-    """A table under its caption line, which names the command (and commit) that reproduces the whole table."""
-    return [f"{title}, from {run.provenance()}:", ""] + table(header, rows) + [""]
+def captioned(title: str, run: Run | list[Run], header: list[str], rows: list[list[str]]) -> list[str]:
+    """A table under its caption line, which names the commands (and commits) that reproduce the whole table."""
+    runs = run if isinstance(run, list) else [run]
+    return [f"{title}, from {', and '.join(r.provenance() for r in runs)}:", ""] + table(header, rows) + [""]
 
 
 # ----- figures ------------------------------------------------------------------------------------------
@@ -615,14 +620,14 @@ def section_budget(source: Source, figures: Figures) -> list[str]:
                              f"Honest LCS against the budget, {label}")
         table_rows = [[method_name(m)] + [budget_cell([r for r in of_kind if r["method"] == m and r["budget"] == b])
                                           for b in budgets] for m in methods_of(of_kind)]
-        lines += captioned(f"{label}, {plural(len({r['id'] for r in of_kind}), 'target')}", source.runs[0],
+        lines += captioned(f"{label}, {plural(len({r['id'] for r in of_kind}), 'target')}", source.runs_behind(of_kind),
                            ["method"] + [f"{b} evaluations" for b in budgets], table_rows)
     gcg, over, summary = budget_summary(source)
     strongest = "the stronger GCG arm, " if gcg != "dlmi" and len(set(GCG_ARMS) & set(methods_of(rows))) > 1 else ""
     against = f"the ratio is to {strongest}`{gcg}`, {method_name(gcg)}" if gcg else "no GCG run to compare with"
     versus = "the default" if gcg == "dlmi" else "GCG"
     targets = "the reachable targets" if over == "reachable" else "every target"
-    lines += captioned(f"At {budgets[-1]} evaluations, {targets} ({against})", source.runs[0],
+    lines += captioned(f"At {budgets[-1]} evaluations, {targets} ({against})", source.runs_behind(summary_rows(source)[1]),
                        ["method", "honest LCS", "exact", "lead", "seconds per target", f"honest LCS vs {versus}"],
                        summary)
     return lines
@@ -892,7 +897,7 @@ def readme_output(sources: list[Source]) -> list[str]:
         kinds = ", ".join(f"{len({r['id'] for r in last if r['kind'] == k})} {k}"
                           for k in dict.fromkeys(r["kind"] for r in last))
         rows = [row[:4] + row[5:] for row in summary]  # without the seconds: the page has them
-        return captioned(f"Output → prompt at {top} candidate evaluations per target ({kinds})", source.runs[0],
+        return captioned(f"Output → prompt at {top} candidate evaluations per target ({kinds})", source.runs_behind(last),
                          ["method", "honest LCS", "exact", "lead", "honest LCS vs GCG"], rows)
     equal = [s for s in sources if s.kind == "dlmi" and s.stem == "dlmi_equal_time"]
     if not equal:

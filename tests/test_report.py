@@ -265,6 +265,34 @@ def test_budget_ratio_is_against_the_stronger_gcg_arm(tmp_path, monkeypatch):
     assert "the ratio is to the stronger GCG arm, `gcg-nano`" in text
 
 
+def test_merged_budget_runs_are_pooled_and_each_is_cited(tmp_path, monkeypatch):
+    """Two runs merged into one budget JSON: the summary pools their targets; each table cites the runs
+    behind its rows, and only those."""
+    monkeypatch.setattr(report, "load_pyplot", lambda: None)
+    first, second = budget_json(), budget_json()
+    for row in second["rows"]:
+        row["id"] += "-b"
+        if row["method"] == "gcg-scaled":
+            row["honest"] = 0.75
+    runs = [dict(command="python benchmarks/dlmi.py --budgets 10 20 --reachable-seed 1", commit="aaa1111", date="d1"),
+            dict(command="python benchmarks/dlmi.py --budgets 10 20 --reachable-seed 2", commit="bbb2222", date="d2")]
+    merged = {k: v for k, v in first.items() if k not in ("command", "commit", "date", "rows")}
+    merged.update(runs=runs, rows=[dict(r, run=0) for r in first["rows"]]
+                  + [dict(r, run=1) for r in second["rows"] if r["kind"] != "k = 1"])
+    path = tmp_path / "dlmi_budget.json"
+    path.write_text(json.dumps(merged))
+    (source,) = report.load_sources([path])
+    _, over, summary = report.budget_summary(source)
+    ratios = {row[0]: (row[2], row[-1]) for row in summary}
+    # DLMI: (0.75 + 0.5 + 0.75) * 2 / 6, two exact per run; GCG: (0.25 * 3 + 0.75 * 3) / 6.
+    assert over == "reachable" and ratios["DLMI (lit-inversion)"] == ("4/6", "1.33x")
+    text = read_pages(report.main([str(path), "--out", str(tmp_path / "out")]))
+    summary_caption = next(line for line in text.splitlines() if line.startswith("At 20 evaluations"))
+    assert "--reachable-seed 1" in summary_caption and "--reachable-seed 2" in summary_caption
+    k1_caption = next(line for line in text.splitlines() if line.startswith("k = 1, 1 target"))
+    assert "--reachable-seed 1" in k1_caption and "--reachable-seed 2" not in k1_caption
+
+
 def test_budget_figures(tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "dlmi_budget.json"
