@@ -6,6 +6,8 @@ Lightning's precision plugins never cast its weights.
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
@@ -13,6 +15,7 @@ from torchmetrics import Metric
 
 from lit_inversion.console import InversionProgressBar
 from lit_inversion.distributed import check_strategy, finished_ids, merge_rank_results, rank_results_path
+from lit_inversion.errors import InversionError
 from lit_inversion.models import LoadedModel, load_model
 from lit_inversion.precision import check_trainer_precision
 from lit_inversion.results import ResultsWriter, check_settings
@@ -26,6 +29,9 @@ class InversionJob(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self._model_name_or_path = model_name_or_path
+        if os.path.isdir(results_path):
+            raise InversionError(f"--results_path {results_path} is a directory: name a file in it, "
+                                 f"e.g. --results_path {os.path.join(results_path, 'results.jsonl')}")
         self._results_path = results_path
         self._dtype = dtype
         self._loaded: LoadedModel | None = None

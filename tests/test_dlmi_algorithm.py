@@ -413,7 +413,7 @@ def test_paper_config_turns_improvements_off():
     ([[]], {}, "target 0 is empty"),
     ([[5, 6], [VOCAB + 3]], {}, "outside the vocabulary"),
     ([[-1]], {}, "outside the vocabulary"),
-    ([[5] * 30], {}, "more than the model context of 32: use a shorter prompt_length or target"),
+    ([[5] * 30], {}, "more than the model context of 32: use a shorter context, prompt_length or target"),
     ([[5, 6]], {"prompt_length": 0}, "prompt_length must be at least 1"),
     ([[5, 6]], {"temperature": "cold"}, "temperature must be one of"),
     ([[5, 6]], {"relaxation": "hard"}, "relaxation must be one of"),

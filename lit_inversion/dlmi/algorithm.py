@@ -17,7 +17,7 @@ first and starts the search from its argmax. `init="repeat"` is the opt-in copy 
 repeat the target (`anchor t1 .. anchor`), restarted from the next anchor on a plateau.
 
 Token convention (`lit_inversion.tokens`): prompts and targets never contain BOS; the model sees
-`[BOS] + prompt + target` when `prepend_bos` is on.
+`before + prompt + after + target` (the batch's `Context`; bare: `[BOS] + prompt + target`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch import nn
 from lit_inversion.dlmi import relax, search
 from lit_inversion.dlmi.batch import StepStats, TargetBatch, anchor_ids, repeat_prompt
 from lit_inversion.dlmi.config import DlmiConfig
+from lit_inversion.dlmi.context import Context
 from lit_inversion.metrics import lcs_ratio
 
 
@@ -43,8 +44,8 @@ class DlmiBatch(TargetBatch):
     """
 
     def __init__(self, loaded, targets: Sequence[Sequence[int]], config: DlmiConfig,
-                 keys: Sequence[object] | None = None):
-        super().__init__(loaded, targets, config, keys)
+                 keys: Sequence[object] | None = None, context: Context | None = None):
+        super().__init__(loaded, targets, config, keys, context)
         c = config
         device = self.device
         B, N, V = self.batch_size, c.prompt_length, loaded.vocab_size
@@ -128,22 +129,6 @@ class DlmiBatch(TargetBatch):
             return self.argmax_prompts()
         return torch.stack([s.best if s.options.accept == "best" else s.prompt for s in self.searches])
 
-    def _free_running_logits(self, prompt_emb: torch.Tensor) -> torch.Tensor:
-        """GBDA-style: feed the model's own soft predictions back, one position at a time."""
-        E = self._embeddings
-        R = prompt_emb.shape[0]
-        M = self.target_ids.shape[1]
-        head, base = self.loaded.model.get_output_embeddings(), self.loaded.model.base_model
-        parts = [E[torch.tensor(self.prefix, dtype=torch.long, device=E.device)].expand(R, -1, -1)] if self.prefix else []
-        x = torch.cat([p.to(prompt_emb.dtype) for p in parts] + [prompt_emb], 1)
-        out = base(inputs_embeds=x, use_cache=True)
-        logits = [head(out.last_hidden_state[:, -1:])]
-        for _ in range(M - 1):
-            soft = torch.softmax(logits[-1].float(), -1).to(x.dtype) @ E.to(x.dtype)
-            out = base(inputs_embeds=soft, past_key_values=out.past_key_values, use_cache=True)
-            logits.append(head(out.last_hidden_state[:, -1:]))
-        return torch.cat(logits, 1)
-
     # ----- one step -------------------------------------------------------------------------------
     def step(self) -> StepStats:
         """One optimisation step for every running target (all running targets share a phase)."""
@@ -198,7 +183,8 @@ class DlmiBatch(TargetBatch):
             soft = relax.mix(p, E, ids)  # [A*S, N, d]
             if straight:  # forward the hard sample, backward through the soft one
                 soft = E[relax.hard_ids(p, ids)].to(soft.dtype) + soft - soft.detach()
-            logits = self._target_logits(soft, rows) if c.teacher_forcing else self._free_running_logits(soft)
+            logits = (self._target_logits(soft, rows) if c.teacher_forcing
+                      else self.scorer.free_running_logits(soft, self.target_ids.shape[1]))
         row_loss = self._token_losses(logits, rows)  # [A*S]
         per_target = row_loss.view(len(idx), S).mean(1)
         per_target.sum().backward()  # a sum keeps each target's gradient independent of the batch
@@ -313,14 +299,12 @@ class DlmiBatch(TargetBatch):
         (allowed tokens only), and the `beam_width` best-ranked prompts go on."""
         c, g = self.config, self.generators[b]
         beams = start[None]
-        prefix = torch.tensor(self.prefix, dtype=torch.long, device=self.device)
         # At most half the prompt (so p >= 1: every draw has context): on a 5-token prompt a 4-position
         # beam left the search at LCS 0.33 where 2 positions (and no beam) matched a 3-token target
         # (tests/test_real_model.py).
         for p in range(c.prompt_length - min(c.beam_positions, c.prompt_length // 2), c.prompt_length):
-            ids = torch.cat([prefix.expand(len(beams), -1), beams[:, :p]], 1)
             with self._autocast():
-                logits = self.loaded.model(input_ids=ids, logits_to_keep=1).logits[:, -1].float()
+                logits = self.scorer.next_token_logits(beams[:, :p]).float()
             probs = torch.softmax(logits.masked_fill(~self.allowed[b], -torch.inf), -1)
             draws = min(c.beam_samples, int((probs[0] > 0).sum()))
             tokens = torch.multinomial(probs, draws, generator=g)  # [K, S] without replacement

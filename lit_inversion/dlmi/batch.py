@@ -7,7 +7,10 @@ its own parameters and `step()`: `DlmiBatch` (the relaxed phase and the swap sea
 (the swap search alone), `ReinforceBatch` (the score-function gradient). None of them inherits
 another method's state.
 
-The honest check decodes greedily from the discrete prompt and scores that against the target.
+Every target of a batch shares one `Context` (the ids before and after the optimised span; a pool
+slot holds one target). All forwards go through the batch's one `PromptScorer`. The honest check
+decodes greedily from `before + prompt + after` and scores that against the target; a finished
+target's record comes from `final_result`, whose verdict is an unpadded, uncached, batch-of-one decode.
 """
 
 from __future__ import annotations
@@ -18,25 +21,27 @@ import hashlib
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lit_inversion.dlmi import search
+from lit_inversion.dlmi.context import Context, bare_context
+from lit_inversion.dlmi.scorer import PromptScorer, greedy_decode  # noqa: F401  (greedy_decode: re-exported)
 from lit_inversion.dlmi.vocab import allowed_tokens, forbidden_for_target
 from lit_inversion.errors import InversionError
 from lit_inversion.metrics import lcs_length, lcs_ratio
 from lit_inversion.precision import model_dtype_region, resolve_dtype
-from lit_inversion.tokens import check_ids, context_prefix, decode
+from lit_inversion.tokens import check_ids, decode
 
 @dataclass
 class DlmiResult:
     target_ids: list[int]
     prompt_ids: list[int]
     prompt_text: str
-    output_ids: list[int]  # greedy continuation of [BOS] + prompt, len(target) tokens
+    output_ids: list[int]  # greedy continuation of input_ids, len(target) tokens
     output_text: str
     exact_match: bool
     lcs_ratio: float  # honest: LCS(output, target) / len(target)
@@ -47,6 +52,8 @@ class DlmiResult:
     seconds: float  # wall time of its batch until this target stopped
     # LCS(prompt, target) / len(target): near 1 when the prompt simply contains the target (copying).
     prompt_target_lcs: float = 0.0
+    # Everything the model saw before the target: context before + prompt + context after (BOS included).
+    input_ids: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,38 +67,30 @@ class StepStats:
     phase: str  # "relaxed", "refine", "gcg", "reinforce"
 
 
-def validate_targets(loaded, targets: Sequence[Sequence[int]], config) -> None:
-    """Raise InversionError for inputs the optimisation cannot handle."""
+def validate_targets(loaded, targets: Sequence[Sequence[int]], config, contexts: Sequence[Context | None] = (),
+                     names: Sequence[str] = ()) -> None:
+    """Raise InversionError for inputs the optimisation cannot handle (`contexts[i]`: target i's, default bare)."""
     config.validate()
     if len(targets) == 0:
         raise InversionError("no targets given: pass at least one target token sequence")
-    prefix = len(context_prefix(loaded.bos_id, config.prepend_bos))
+    bare = bare_context(loaded.bos_id, config.prepend_bos)
     for i, ids in enumerate(targets):
-        check_ids(list(ids), loaded.vocab_size, f"target {i}")
-        total = prefix + config.prompt_length + len(ids)
+        name = f"target {names[i]!r}" if i < len(names) else f"target {i}"
+        check_ids(list(ids), loaded.vocab_size, name)
+        context = (contexts[i] if i < len(contexts) else None) or bare
+        if len(context):
+            check_ids(context.input_ids([]), loaded.vocab_size, f"the context of {name}")
+        total = len(context) + config.prompt_length + len(ids)
         if loaded.max_positions is not None and total > loaded.max_positions:
             raise InversionError(
-                f"target {i}: BOS + prompt + target is {total} tokens, more than the model context of "
-                f"{loaded.max_positions}: use a shorter prompt_length or target"
+                f"{name}: context + prompt + target is {total} tokens, more than the model context of "
+                f"{loaded.max_positions}: use a shorter context, prompt_length or target"
             )
 
 
 def target_seed(seed: int, key: object) -> int:
     """A per-target seed that does not depend on the target's place in its batch."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
-
-
-@torch.no_grad()
-def greedy_decode(model: nn.Module, input_ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """[B, num_tokens] greedy continuation (no sampling, no early stop at EOS), with a KV cache."""
-    # Vocabulary logits only at the last prompt position: the others are never read (at |V| = 262k the
-    # head over the whole prompt costs as much as the rest of the prefill).
-    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-    tokens = [out.logits[:, -1].argmax(-1)]
-    for _ in range(num_tokens - 1):
-        out = model(input_ids=tokens[-1][:, None], past_key_values=out.past_key_values, use_cache=True)
-        tokens.append(out.logits[:, -1].argmax(-1))
-    return torch.stack(tokens, 1)
 
 
 def anchor_ids(tokenizer, anchors: Sequence[str]) -> list[int]:
@@ -122,10 +121,13 @@ class TargetBatch(nn.Module):
 
     phase = "search"
 
-    def __init__(self, loaded, targets: Sequence[Sequence[int]], config, keys: Sequence[object] | None = None):
+    def __init__(self, loaded, targets: Sequence[Sequence[int]], config, keys: Sequence[object] | None = None,
+                 context: Context | None = None):
         super().__init__()
-        validate_targets(loaded, targets, config)
+        self.context = context or bare_context(loaded.bos_id, config.prepend_bos)
+        validate_targets(loaded, targets, config, [self.context] * len(targets))
         self.loaded, self.config = loaded, config
+        self.scorer = PromptScorer(loaded.model, self.context, config.share_prefix, config.cache_context)
         # Every tensor of the batch lives on the model's device, named at each factory call.
         device = self.device
         self.keys = [tuple(int(i) for i in t) for t in targets] if keys is None else list(keys)
@@ -138,7 +140,6 @@ class TargetBatch(nn.Module):
         self.register_buffer("target_ids", padded)
         lengths = torch.tensor(self.lengths, device=device)
         self.register_buffer("target_mask", torch.arange(M, device=device)[None] < lengths[:, None])
-        self.prefix = context_prefix(loaded.bos_id, config.prepend_bos)
         self.generators = [torch.Generator(device=device).manual_seed(target_seed(config.seed, k))
                            for k in self.keys]
         self.register_buffer("steps", torch.zeros(B, dtype=torch.long, device=device))
@@ -228,17 +229,7 @@ class TargetBatch(nn.Module):
 
     def _target_logits(self, prompt_emb: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits [R, M, V] for prompt embeddings [R, N, d] and target rows [R]."""
-        E = self._embeddings
-        R, N = prompt_emb.shape[:2]
-        M = self.target_ids.shape[1]
-        parts = [E[torch.tensor(self.prefix, dtype=torch.long, device=E.device)].expand(R, -1, -1)] if self.prefix else []
-        parts += [prompt_emb, E[self.target_ids[rows, :-1]]]
-        x = torch.cat([p.to(prompt_emb.dtype) for p in parts], 1)
-        hidden = self.loaded.model.base_model(inputs_embeds=x, use_cache=False).last_hidden_state
-        start = len(self.prefix) + N - 1
-        # Only the M target positions need vocabulary logits: slice before the lm head. The slice is
-        # made contiguous first: on CPU a strided input makes the head's matmul ~9x slower (measured).
-        return self.loaded.model.get_output_embeddings()(hidden[:, start : start + M].contiguous())
+        return self.scorer.logits(prompt_emb, self.target_ids[rows])
 
     def _token_losses(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """[R] mean cross-entropy over each row's real (unpadded) target tokens."""
@@ -291,14 +282,9 @@ class TargetBatch(nn.Module):
         target = self.target(b).tolist()
         return lcs_length(prompt, target) > self.copy_limit * len(target)
 
-    def _scorer(self) -> search.PromptScorer:
-        if getattr(self, "_prompt_scorer", None) is None:
-            self._prompt_scorer = search.PromptScorer(self.loaded.model, self.prefix, self.config.share_prefix)
-        return self._prompt_scorer
-
     def _swap_search(self, b: int, prompt: torch.Tensor, options: search.SwapOptions,
                      seeds: torch.Tensor | None = None) -> search.SwapSearch:
-        return search.SwapSearch(self._scorer(), self.target(b), self.allowed[b], prompt, options,
+        return search.SwapSearch(self.scorer, self.target(b), self.allowed[b], prompt, options,
                                  self.generators[b], self.loaded.tokenizer, seeds,
                                  functools.partial(self._random_prompt, b))
 
@@ -322,11 +308,10 @@ class TargetBatch(nn.Module):
 
     @torch.no_grad()
     def decode(self, prompts: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        """[R, num_tokens] greedy continuations of prompts [R, N] (after the BOS prefix)."""
-        prefix = torch.tensor(self.prefix, dtype=torch.long, device=prompts.device).expand(len(prompts), -1)
+        """[R, num_tokens] greedy continuations of prompts [R, N] (in their context)."""
         # The honest check decodes in the model's own dtype, also under a trainer's mixed precision.
         with model_dtype_region(self._embeddings.device):
-            return greedy_decode(self.loaded.model, torch.cat([prefix, prompts], 1), num_tokens)
+            return self.scorer.greedy(prompts, num_tokens)
 
     @torch.no_grad()
     def take_outputs(self, idx: torch.Tensor, prompts: torch.Tensor, outputs: torch.Tensor) -> None:
@@ -352,7 +337,19 @@ class TargetBatch(nn.Module):
                           output_ids=output, output_text=decode(tok, output), exact_match=output == target,
                           lcs_ratio=max(0.0, float(self.best_lcs[b])), soft_lcs_ratio=float(self.soft_lcs[b]),
                           steps=int(self.steps[b]), seconds=float(self.seconds[b]),
-                          prompt_target_lcs=lcs_ratio(prompt, target))
+                          prompt_target_lcs=lcs_ratio(prompt, target), input_ids=self.context.input_ids(prompt))
+
+    @torch.no_grad()
+    def final_result(self, b: int) -> DlmiResult:
+        """Target b's record: its best prompt, judged by the verdict (`PromptScorer.verdict`: what plain
+        transformers' greedy decoding of `input_ids` gives)."""
+        result = self.result(b)
+        with model_dtype_region(self._embeddings.device):
+            output = self.scorer.verdict(self.best_prompt[b], len(result.target_ids))
+        result.output_ids, result.output_text = output, decode(self.loaded.tokenizer, output)
+        result.exact_match = output == result.target_ids
+        result.lcs_ratio = lcs_ratio(output, result.target_ids)
+        return result
 
     # ----- checkpointing ------------------------------------------------------------------------
     # Extra state travels with nn.Module.state_dict(), also when this batch is a submodule, so a

@@ -86,6 +86,11 @@ class OutputConfig:
     """ARCA's rule: no target token, nor one that prefix-matches one, in the prompt."""
     allow_non_ascii: bool = False
     """Allow non-ASCII tokens in the prompt (special tokens never), as nanoGCG's option."""
+    share_prefix: bool = True
+    """Candidates reuse the cached keys/values of the prompt before their swap."""
+    cache_context: bool = True
+    """Compute the keys/values of the context before the span once per target (false: recompute
+    them in every forward, as nanoGCG does without its prefix cache; for benchmarks)."""
 
     def validate(self) -> None:
         """Raise InversionError naming every option the run cannot use, with the fix."""
@@ -213,8 +218,6 @@ class DlmiConfig(OutputConfig):
     """How far Z is raised on the repeat init's prompt tokens."""
     init_anchors: tuple[str, ...] = ("\n", ".", ":", "\n\n", '"', " ")
     """Separators tried by the repeat init, and as one-token fills at the search's start."""
-    share_prefix: bool = True
-    """Candidates reuse the cached keys/values of the prompt before their swap."""
 
     @classmethod
     def paper(cls, **overrides) -> DlmiConfig:
@@ -304,8 +307,6 @@ class GcgConfig(OutputConfig):
     """Candidates per scoring forward (null: all); halved on out-of-memory."""
     fill_token: str | None = None
     """Start from this one-token string repeated (nanoGCG 'x', GCG '!'); null: random tokens."""
-    share_prefix: bool = True
-    """Candidates reuse the cached keys/values of the prompt before their swap."""
 
     def check(self, checks: _Checks) -> None:
         super().check(checks)

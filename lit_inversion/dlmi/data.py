@@ -1,23 +1,101 @@
-"""Targets for DLMI: target continuations (token ids), from a file or the paper's difficulty-k protocol."""
+"""Targets for DLMI: target continuations (token ids) in their context, from a file or the paper's
+difficulty-k protocol.
+
+A target file is `.txt` (one target text per line), `.jsonl` or `.csv`. A JSONL record has the
+target as "ids" or text ("text", or nanoGCG's "target"; "ids" win) and optionally its context:
+"messages" (chat turns, `{optim_str}` in one of them) or "prefix" / "suffix" text around the span;
+records without one take the data module's default context. A CSV has `goal,target` columns (the
+AdvBench / HarmBench layout): the goal becomes the user turn with ` {optim_str}` after it. A record's
+"prompt_ids" / "prompt_text" (a known span) are for reporting only: the optimiser never sees them.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 from torch.utils.data import DataLoader
 
+from lit_inversion.dlmi.context import OPTIM_STR, Context, render_context
 from lit_inversion.errors import InversionError
 from lit_inversion.models import LoadedModel
 from lit_inversion.distributed import shard
-from lit_inversion.sequences import ListDataset, apply_limit, read_sequences
+from lit_inversion.sequences import (ListDataset, UniqueIds, apply_limit, json_row, read_lines, read_sequences,
+                                     row_id, row_ids)
+from lit_inversion.tokens import check_ids, encode
+
+OPTION = "--data.targets_file"
 
 
 @dataclass
 class OutputTarget:
     id: str
     ids: list[int]
+    context: Context | None = None  # the ids around the optimised span (None: bare, [BOS] + span)
+
+
+@dataclass
+class ContextSpec:
+    """Text around the optimised span, before rendering: chat `messages`, or `prefix` / `suffix`."""
+
+    messages: list[dict] | None = None
+    prefix: str | None = None
+    suffix: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.messages is None and self.prefix is None and self.suffix is None
+
+    def render(self, loaded: LoadedModel, prepend_bos: bool, where: str) -> Context | None:
+        if self.empty:
+            return None
+        return render_context(loaded.tokenizer, loaded.bos_id, self.messages, self.prefix, self.suffix,
+                              prepend_bos, where)
+
+
+def read_output_targets(path: str | Path, loaded: LoadedModel, default: ContextSpec = ContextSpec(),
+                        prepend_bos: bool = True) -> list[OutputTarget]:
+    """The targets of a `.txt`, `.jsonl` or `.csv` file, each with its rendered context."""
+    path = Path(path)
+    if path.suffix == ".csv":
+        return _read_csv(path, loaded, prepend_bos)
+    if path.suffix != ".jsonl":
+        context = default.render(loaded, prepend_bos, f"{OPTION} {path}")
+        return [OutputTarget(i, ids, context)
+                for i, ids in read_sequences(path, loaded.tokenizer, loaded.vocab_size, option=OPTION)]
+    targets, unique = [], UniqueIds(path)
+    for number, line in read_lines(path, OPTION):
+        where = f"{path}:{number}"
+        row = json_row(line, where)
+        ids = row_ids(row, where, loaded.tokenizer, text_keys=("text", "target"))
+        check_ids(ids, loaded.vocab_size, f"the target of {where}")
+        target_id = row_id(row, where, f"{path.stem}-{number}")
+        unique.add(target_id, number)
+        spec = ContextSpec(row.get("messages"), row.get("prefix"), row.get("suffix"))
+        context = (default if spec.empty else spec).render(loaded, prepend_bos, where)
+        targets.append(OutputTarget(target_id, ids, context))
+    return targets
+
+
+def _read_csv(path: Path, loaded: LoadedModel, prepend_bos: bool) -> list[OutputTarget]:
+    text = "\n".join(line for _, line in read_lines(path, OPTION))
+    reader = csv.DictReader(io.StringIO(text))
+    if not {"goal", "target"} <= set(reader.fieldnames or ()):
+        raise InversionError(f"{path}: a CSV of targets needs a header with goal and target columns "
+                             f"(got {reader.fieldnames}): write `goal,target` on its first line")
+    targets = []
+    for number, row in enumerate(reader, start=2):
+        where = f"{path}:{number}"
+        ids = encode(loaded.tokenizer, row["target"] or "")
+        check_ids(ids, loaded.vocab_size, f"the target of {where}")
+        messages = [{"role": "user", "content": f"{row['goal'] or ''} {OPTIM_STR}"}]
+        context = render_context(loaded.tokenizer, loaded.bos_id, messages, prepend_bos=prepend_bos, where=where)
+        targets.append(OutputTarget(f"{path.stem}-{number}", ids, context))
+    return targets
 
 
 def max_pool_steps(targets: int, slots: int, num_steps: int) -> int:
@@ -45,13 +123,18 @@ class OutputTargetsDataModule(L.LightningDataModule):
     file are skipped).
 
     Args:
-        targets_file: target continuations: `.txt` (one per line) or `.jsonl` (`text` or `ids`, optional `id`).
+        targets_file: target continuations: `.txt` (one per line), `.jsonl` (`text`/`target` or `ids`,
+            optional `id`, `messages` or `prefix`/`suffix`) or `.csv` (`goal,target` columns).
         difficulty_k: the paper's difficulty-k protocol instead (or as well), e.g. [1, 6, 11].
         per_k: targets per k.
         target_length: tokens per difficulty-k target.
         difficulty_seed: seed of the difficulty-k targets.
         batch_size: target slots optimised at once.
         limit: invert only the first N targets (null: all).
+        messages: the default context of file targets without one: chat turns, `{optim_str}` in one
+            (else appended to the last), rendered with the model's chat template.
+        prefix: the default context's text before the span (instead of messages).
+        suffix: the default context's text after the span.
     """
 
     def __init__(
@@ -63,6 +146,9 @@ class OutputTargetsDataModule(L.LightningDataModule):
         difficulty_seed: int = 42,
         batch_size: int = 5,
         limit: int | None = None,
+        messages: list[dict] | None = None,
+        prefix: str | None = None,
+        suffix: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -75,12 +161,12 @@ class OutputTargetsDataModule(L.LightningDataModule):
         self.targets: list[OutputTarget] = []  # this rank's shard, still to do
         self.step_bound = 0  # pool steps the largest shard needs at most (the progress bar's total)
 
-    def build_targets(self, loaded: LoadedModel) -> list[OutputTarget]:
+    def build_targets(self, loaded: LoadedModel, prepend_bos: bool = True) -> list[OutputTarget]:
         h = self.hparams
         targets: list[OutputTarget] = []
         if h.targets_file is not None:
-            targets += [OutputTarget(i, ids) for i, ids in
-                        read_sequences(h.targets_file, loaded.tokenizer, loaded.vocab_size, option="--data.targets_file")]
+            default = ContextSpec(h.messages, h.prefix, h.suffix)
+            targets += read_output_targets(h.targets_file, loaded, default, prepend_bos)
         if h.difficulty_k:
             from lit_inversion.dlmi.targets import make_difficulty_targets
 
@@ -90,7 +176,12 @@ class OutputTargetsDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         module = self.trainer.lightning_module
-        targets = self.build_targets(module.load())
+        loaded = module.load()
+        targets = self.build_targets(loaded, module.config.prepend_bos)
+        from lit_inversion.dlmi.batch import validate_targets  # the method's modules import this one
+
+        validate_targets(loaded, [t.ids for t in targets], module.config, [t.context for t in targets],
+                         [t.id for t in targets])
         done = module.finished_ids()
         todo = [t for t in targets if t.id not in done]
         module.announce_targets(len(targets), len(todo))

@@ -30,8 +30,8 @@ from lit_inversion.tokens import encode
 class GcgBatch(TargetBatch):
     phase = "gcg"
 
-    def __init__(self, loaded, targets, config, keys=None):
-        super().__init__(loaded, targets, config, keys)
+    def __init__(self, loaded, targets, config, keys=None, context=None):
+        super().__init__(loaded, targets, config, keys, context)
         options = self.swap_options()
         start = self._start_prompts()
         self.best_prompt.copy_(start)

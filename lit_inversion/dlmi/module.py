@@ -38,7 +38,7 @@ from lit_inversion.tracking import log_scalars, log_text, markdown_table
 
 
 def dlmi_record(target_id: str, result: DlmiResult) -> dict:
-    return {"id": target_id, "target_ids": result.target_ids, "prompt_ids": result.prompt_ids,
+    return {"id": target_id, "target_ids": result.target_ids, "input_ids": result.input_ids, "prompt_ids": result.prompt_ids,
             "prompt_text": result.prompt_text, "output_ids": result.output_ids, "output_text": result.output_text,
             "exact_match": result.exact_match, "lcs_ratio": result.lcs_ratio, "soft_lcs_ratio": result.soft_lcs_ratio,
             "steps": result.steps, "seconds": round(result.seconds, 3), "prompt_target_lcs": result.prompt_target_lcs}

@@ -25,20 +25,22 @@ import torch
 from lit_inversion.dlmi.algorithm import DlmiBatch
 from lit_inversion.dlmi.batch import DlmiResult, TargetBatch, check_batches, validate_targets
 from lit_inversion.dlmi.config import DlmiConfig, GcgConfig, OutputConfig, ReinforceConfig
+from lit_inversion.dlmi.context import Context
 from lit_inversion.dlmi.data import OutputTarget
 from lit_inversion.dlmi.gcg import GcgBatch
 from lit_inversion.dlmi.reinforce import ReinforceBatch
+from lit_inversion.errors import InversionError
 
 BATCHES: dict[type[OutputConfig], type[TargetBatch]] = {
     DlmiConfig: DlmiBatch, GcgConfig: GcgBatch, ReinforceConfig: ReinforceBatch}  # GbdaConfig is a DlmiConfig
 
 
 def make_batch(loaded, targets: Sequence[Sequence[int]], config: OutputConfig,
-               keys: Sequence[object] | None = None) -> TargetBatch:
-    """The batch of `config`'s method for `targets`."""
+               keys: Sequence[object] | None = None, context: Context | None = None) -> TargetBatch:
+    """The batch of `config`'s method for `targets`, in `context` (default: bare)."""
     for kind, batch in BATCHES.items():
         if isinstance(config, kind):
-            return batch(loaded, targets, config, keys)
+            return batch(loaded, targets, config, keys, context)
     raise TypeError(f"no batch for {type(config).__name__}: use one of {', '.join(k.__name__ for k in BATCHES)}")
 
 
@@ -100,9 +102,10 @@ class TargetPool:
         for i, slot in enumerate(self.slots):
             if slot is None and self.queue:
                 target = self.queue.popleft()
-                batch = make_batch(self.loaded, [target.ids], self.config, keys=[target.id])
+                batch = make_batch(self.loaded, [target.ids], self.config, keys=[target.id], context=target.context)
                 saved = self.saved.pop(target.id, None)
-                if saved is not None and saved["ids"] == list(target.ids):  # a changed target restarts
+                # A changed target or context restarts.
+                if saved is not None and saved["ids"] == list(target.ids) and saved.get("input") == _input(target):
                     batch.load_state_dict(saved["state"])
                 self.slots[i] = Slot(target, batch)
 
@@ -126,7 +129,7 @@ class TargetPool:
         out.checked = [(s.target.id, s.batch.result(0)) for s in due]
         for i, slot in enumerate(self.slots):
             if slot is not None and slot.batch.finished:  # matched, or out of steps (or seconds)
-                out.finished.append((slot.target.id, slot.batch.result(0)))
+                out.finished.append((slot.target.id, slot.batch.final_result(0)))
                 self.slots[i] = None
         self.fill()
         return out
@@ -134,8 +137,8 @@ class TargetPool:
     # ----- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, dict]:
         """Every in-flight target's batch state (parameters, optimizer, generators, search), by id, in slot order."""
-        return {s.target.id: {"ids": list(s.target.ids), "steps": s.steps, "state": s.batch.state_dict()}
-                for s in self.running}
+        return {s.target.id: {"ids": list(s.target.ids), "input": _input(s.target), "steps": s.steps,
+                              "state": s.batch.state_dict()} for s in self.running}
 
     def load_state_dict(self, states: dict[str, dict]) -> None:
         """Keep saved states for targets that are queued later (`enqueue`) or already queued."""
@@ -145,6 +148,11 @@ class TargetPool:
             self.queue.clear()
             self._known.difference_update(t.id for t in queued)
             self.enqueue(queued)
+
+
+def _input(target: OutputTarget) -> dict | None:
+    """The context a saved state was made in (None: bare)."""
+    return target.context.to_dict() if target.context is not None else None
 
 
 def run_pool(loaded, targets: Iterable[OutputTarget], config: OutputConfig, slots: int,
@@ -164,19 +172,24 @@ def run_pool(loaded, targets: Iterable[OutputTarget], config: OutputConfig, slot
 
 def invert_outputs(loaded, targets: Sequence[Sequence[int]], config: OutputConfig | None = None, batch_size: int | None = None,
                    keys: Sequence[object] | None = None,
-                   on_step: Callable[[PoolStep], None] | None = None) -> list[DlmiResult]:
+                   on_step: Callable[[PoolStep], None] | None = None,
+                   contexts: Sequence[Context | None] | None = None) -> list[DlmiResult]:
     """Find, for each target, a prompt whose greedy continuation reproduces it, with `config`'s method
     (DLMI by default), through the same pool of slots as the Lightning job: `batch_size` slots
-    (default: one per target). Results come in the order of `targets`.
+    (default: one per target); `contexts[i]` is the text around target i's prompt (default: bare).
+    Results come in the order of `targets`.
 
     A target's noise is seeded from the run seed and its key (default: its ids), so it follows the
     same path whatever else is run beside it."""
     config = config or DlmiConfig()
-    validate_targets(loaded, targets, config)
+    contexts = list(contexts) if contexts is not None else [None] * len(targets)
+    if len(contexts) != len(targets):
+        raise InversionError(f"{len(contexts)} contexts for {len(targets)} targets: give one per target")
+    validate_targets(loaded, targets, config, contexts)
     names: list[str] = []
     for i, ids in enumerate(targets):
         name = str(keys[i]) if keys is not None else str(tuple(int(t) for t in ids))
         names.append(name if name not in names else f"{name}#{i}")  # a repeated target still gets its result
-    finished = dict(run_pool(loaded, [OutputTarget(n, [int(t) for t in ids]) for n, ids in zip(names, targets)],
-                             config, batch_size or len(targets), on_step))
+    queue = [OutputTarget(n, [int(t) for t in ids], c) for n, ids, c in zip(names, targets, contexts)]
+    finished = dict(run_pool(loaded, queue, config, batch_size or len(targets), on_step))
     return [finished[n] for n in names]

@@ -24,8 +24,8 @@ def ema_update(baseline: torch.Tensor, reward: torch.Tensor, decay: float) -> to
 class ReinforceBatch(TargetBatch):
     phase = "reinforce"
 
-    def __init__(self, loaded, targets, config, keys=None):
-        super().__init__(loaded, targets, config, keys)
+    def __init__(self, loaded, targets, config, keys=None, context=None):
+        super().__init__(loaded, targets, config, keys, context)
         N, V, device = config.prompt_length, loaded.vocab_size, self.device
         self.logits = nn.Parameter(torch.stack([torch.randn(N, V, generator=g, device=device) for g in self.generators]))
         self.optimizer = torch.optim.Adam([self.logits], lr=config.learning_rate)

@@ -32,13 +32,9 @@ import torch
 from accelerate.utils.memory import should_reduce_batch_size
 from torch import nn
 
+from lit_inversion.dlmi.scorer import PromptScorer
 from lit_inversion.errors import InversionError
 from lit_inversion.metrics import lcs_length
-
-try:  # the cache class that lets candidates share the prompt prefix
-    from transformers import DynamicCache
-except ImportError:  # pragma: no cover - older transformers: full forwards
-    DynamicCache = None
 
 BIG = 1e6  # one more right leading position outweighs any loss difference
 # A gradient pass (forward and backward of one prompt) counted in candidate evaluations; the budget
@@ -90,59 +86,6 @@ def score(logits: torch.Tensor, target: torch.Tensor, objective: str, kappa: flo
     total = (loss * weight).sum(1)
     key = (target.shape[0] - lead).double() * BIG + total.detach().double()
     return Scored(lead, key, pred), total
-
-
-class PromptScorer:
-    """Forwards of `[prefix] + prompt + target[:w-1]` that return logits at the w target positions only."""
-
-    def __init__(self, model: nn.Module, prefix: list[int], share_prefix: bool = True):
-        self.model, self.prefix = model, prefix
-        self.base, self.head = model.base_model, model.get_output_embeddings()
-        self.E = model.get_input_embeddings().weight
-        self.share_prefix = share_prefix and DynamicCache is not None
-
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.E[ids]
-
-    def with_gradient(self, prompt: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
-        """(logits [1, w, V], prompt embeddings [1, N, d] with grad, detached cache) for one prompt [N]."""
-        w = target.shape[0]
-        emb = self._embed(prompt[None]).detach().requires_grad_(True)
-        parts = [self._embed(torch.tensor([self.prefix], dtype=torch.long, device=self.E.device))] if self.prefix else []
-        parts += [emb, self._embed(target[None, : w - 1])]
-        out = self.base(inputs_embeds=torch.cat(parts, 1), use_cache=self.share_prefix)
-        hidden = out.last_hidden_state[:, -w:].contiguous()  # a strided input makes the CPU head ~9x slower
-        cache = out.past_key_values if self.share_prefix else None
-        if cache is not None and not isinstance(cache, DynamicCache):
-            cache = None  # another cache layout: candidates run full forwards
-        if cache is not None:
-            cache = [(layer.keys.detach(), layer.values.detach()) for layer in cache.layers]
-        return self.head(hidden), emb, cache
-
-    @torch.no_grad()
-    def candidates(self, prompt: torch.Tensor, position: int, tokens: torch.Tensor, target: torch.Tensor,
-                   cache) -> torch.Tensor:
-        """Logits [K, w, V] of the prompts that put each of `tokens` [K] at `position` of `prompt` [N]."""
-        prompts = prompt.repeat(tokens.shape[0], 1)
-        prompts[:, position] = tokens
-        return self.prompts(prompts, position, target, cache)
-
-    @torch.no_grad()
-    def prompts(self, prompts: torch.Tensor, first: int, target: torch.Tensor, cache) -> torch.Tensor:
-        """Logits [K, w, V] of prompts [K, N] that all agree with the cached prompt before `first`."""
-        K, w, P = prompts.shape[0], target.shape[0], len(self.prefix)
-        rest = target[: w - 1].expand(K, -1)
-        if cache is not None and P + first > 0:
-            ids = torch.cat([prompts[:, first:], rest], 1)
-            past = DynamicCache([(k[:, :, : P + first].expand(K, -1, -1, -1),
-                                  v[:, :, : P + first].expand(K, -1, -1, -1)) for k, v in cache],
-                                config=self.model.config)
-            hidden = self.base(inputs_embeds=self._embed(ids), past_key_values=past, use_cache=True).last_hidden_state
-        else:
-            head = torch.tensor(self.prefix, dtype=torch.long, device=prompts.device).expand(K, -1)
-            ids = torch.cat([head, prompts, rest], 1)
-            hidden = self.base(inputs_embeds=self._embed(ids), use_cache=False).last_hidden_state
-        return self.head(hidden[:, -w:].contiguous())  # a strided input makes the CPU head ~9x slower
 
 
 def _standardise(x: torch.Tensor) -> torch.Tensor:
