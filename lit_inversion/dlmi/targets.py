@@ -12,6 +12,12 @@ LCS(x*, y) / M <= 0.25: a non-copying prompt of length N provably exists. Record
 
     python -m lit_inversion.dlmi.targets --out data/dlmi_smollm2_k25.jsonl
     python -m lit_inversion.dlmi.targets --reachable --count 8 --seed 1 --prompt-length 20 --out reach.jsonl
+    python -m lit_inversion.dlmi.targets --reachable --chat --count 8 --seed 1 --out chat.jsonl
+
+Reachable in chat (`--chat`): a short instruction plus the N-token span x* in the user turn, rendered
+with the model's chat template; y is the assistant's greedy M-token reply. Kept only if y does not
+copy x* (LCS / M <= 0.25) and a dull span (nanoGCG's start, 20 space-separated x's) does not already
+give it (LCS(dull reply, y) / M <= 0.5); no span twice.
 """
 
 from __future__ import annotations
@@ -76,6 +82,12 @@ def perplexity(loaded, ids: Sequence[int], prepend_bos: bool = True) -> float:
 
 
 REACHABLE_MAX_COPY = 0.25  # LCS(x*, y) / M above this: y could be reached by copying x*
+DULL_SPAN = " ".join(["x"] * 20)  # nanoGCG's optim_str_init
+DULL_MAX_LCS = 0.5  # LCS(the dull span's reply, y) / M above this: y needs no search
+CHAT_INSTRUCTIONS = ("Continue this text:", "Summarize the following:", "Translate into French:",
+                     "What is this about?", "Rewrite this more formally:", "Give this a short title:",
+                     "Explain this to a child:", "Answer in one sentence:", "Fix the grammar:",
+                     "What comes next?")
 
 
 def _natural_prompt(loaded, sentences: Sequence[str], length: int, rng: random.Random) -> list[int] | None:
@@ -105,40 +117,67 @@ def make_reachable_targets(loaded, count: int, prompt_length: int = 20, length: 
                            sources: Sequence[str] = (), prepend_bos: bool = True, tries: int = 50) -> list[dict]:
     """`count` targets with a known non-copying solution: half from natural-text prompts (lines of
     `sources`), half from random allowed tokens; each is the greedy continuation of its prompt."""
-    from lit_inversion.dlmi.batch import greedy_decode
+    return _reachable(loaded, count, prompt_length, length, seed, sources, prepend_bos, tries, chat=False)
+
+
+def make_reachable_chat_targets(loaded, count: int, prompt_length: int = 20, length: int = 20, seed: int = 0,
+                                sources: Sequence[str] = (), prepend_bos: bool = True, tries: int = 50,
+                                instructions: Sequence[str] = CHAT_INSTRUCTIONS) -> list[dict]:
+    """`count` chat targets with a known non-copying span: the user turn is an instruction and the span,
+    the target the assistant's greedy reply, which the dull span does not already give."""
+    return _reachable(loaded, count, prompt_length, length, seed, sources, prepend_bos, tries, chat=True,
+                      instructions=instructions)
+
+
+def _reachable(loaded, count: int, prompt_length: int, length: int, seed: int, sources: Sequence[str],
+               prepend_bos: bool, tries: int, chat: bool, instructions: Sequence[str] = ()) -> list[dict]:
+    from lit_inversion.dlmi.context import OPTIM_STR, bare_context, render_context
+    from lit_inversion.dlmi.scorer import PromptScorer
     from lit_inversion.errors import InversionError
     from lit_inversion.metrics import lcs_ratio
+    from lit_inversion.tokens import encode
 
     rng = random.Random(seed)
     device = loaded.model.get_input_embeddings().weight.device
-    prefix = context_prefix(loaded.bos_id, prepend_bos)
     natural = count // 2 if sources else 0
-    targets = []
+    dull = torch.tensor(encode(loaded.tokenizer, DULL_SPAN), device=device)
+    targets, spans = [], set()
     for j in range(count):
         kind = "natural" if j < natural else "random"
         for _ in range(tries):
+            messages = [{"role": "user", "content": f"{rng.choice(instructions)} {OPTIM_STR}"}] if chat else None
+            context = (render_context(loaded.tokenizer, loaded.bos_id, messages, prepend_bos=prepend_bos)
+                       if chat else bare_context(loaded.bos_id, prepend_bos))
             prompt = (_natural_prompt(loaded, sources, prompt_length, rng) if kind == "natural"
                       else _random_prompt(loaded, prompt_length, rng))
-            if prompt is None:
+            if prompt is None or tuple(prompt) in spans:
                 continue
-            ids = torch.tensor([prefix + prompt], device=device)
-            output = greedy_decode(loaded.model, ids, length)[0].tolist()
+            scorer = PromptScorer(loaded.model, context)
+            output = scorer.greedy(torch.tensor([prompt], device=device), length)[0].tolist()
             copied = lcs_ratio(prompt, output)
-            if copied <= REACHABLE_MAX_COPY:
+            dull_lcs = lcs_ratio(scorer.greedy(dull[None], length)[0].tolist(), output) if chat else 0.0
+            if copied <= REACHABLE_MAX_COPY and dull_lcs <= DULL_MAX_LCS:
                 break
         else:
-            raise InversionError(f"no {kind} prompt in {tries} tries had a continuation with LCS(prompt, target) "
-                                 f"<= {REACHABLE_MAX_COPY}: try another --seed or a longer --length")
-        targets.append({"id": f"reach-{kind}-{seed}-{j}", "kind": kind, "ids": output,
-                        "text": decode(loaded.tokenizer, output), "prompt_ids": prompt,
-                        "prompt_text": decode(loaded.tokenizer, prompt), "prompt_target_lcs": round(copied, 4)})
+            raise InversionError(f"no {kind} span in {tries} tries had a reply with LCS(span, target) <= "
+                                 f"{REACHABLE_MAX_COPY}{' and not given by a dull span' if chat else ''}: "
+                                 "try another --seed or a longer --length")
+        spans.add(tuple(prompt))
+        record = {"id": f"reach-{'chat-' if chat else ''}{kind}-{seed}-{j}", "kind": kind}
+        if chat:
+            record["messages"] = messages
+        record.update({"ids": output, "text": decode(loaded.tokenizer, output), "prompt_ids": prompt,
+                       "prompt_text": decode(loaded.tokenizer, prompt), "prompt_target_lcs": round(copied, 4)})
+        if chat:
+            record["dull_lcs"] = round(dull_lcs, 4)
+        targets.append(record)
     return targets
 
 
 def write_jsonl(targets: Sequence[dict], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    keys = ("id", "k", "kind", "ids", "text", "prompt_ids", "prompt_text", "prompt_target_lcs")
+    keys = ("id", "k", "kind", "messages", "ids", "text", "prompt_ids", "prompt_text", "prompt_target_lcs", "dull_lcs")
     with open(path, "w", encoding="utf-8") as f:
         for t in targets:
             f.write(json.dumps({key: t[key] for key in keys if key in t}, ensure_ascii=False) + "\n")
@@ -161,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     reach = parser.add_argument_group("reachable targets (--reachable): the greedy continuations of known prompts")
     reach.add_argument("--reachable", action="store_true")
+    reach.add_argument("--chat", action="store_true",
+                       help="an instruction and the span in the user turn; the target is the assistant's reply")
     reach.add_argument("--count", type=int, default=8, help="targets (half natural, half random prompts)")
     reach.add_argument("--prompt-length", type=int, default=20, help="N, the known prompt's length")
     reach.add_argument("--source", default=str(Path(__file__).resolve().parents[2] / "data" / "seed_sentences.txt"),
@@ -169,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     loaded = load_model(args.model)
     if args.reachable:
         sources = [line.strip() for line in Path(args.source).read_text(encoding="utf-8").splitlines() if line.strip()]
-        targets = make_reachable_targets(loaded, args.count, args.prompt_length, args.length, args.seed, sources)
+        make = make_reachable_chat_targets if args.chat else make_reachable_targets
+        targets = make(loaded, args.count, args.prompt_length, args.length, args.seed, sources)
         write_jsonl(targets, args.out)
         for t in targets:
             print(f"{t['id']}: LCS(prompt, target) {t['prompt_target_lcs']:.2f} | {t['prompt_text']!r} -> {t['text']!r}")
