@@ -12,6 +12,7 @@ import os
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_inversion.console import steps_this_epoch
 
@@ -39,6 +40,12 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.save_now(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # SIGTERM (a scheduler's preemption, `kill`): the step in progress was finished or abandoned, so the
+        # state is whole; save it for `--ckpt_path last`. Other errors keep the last periodic save.
+        if isinstance(exception, SIGTERMException):
+            self.save_now(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         pass

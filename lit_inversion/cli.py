@@ -5,11 +5,13 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from argparse import ArgumentError
 
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_inversion.console import quiet
 from lit_inversion.distributed import use_for_ddp
@@ -68,6 +70,12 @@ def main(args: list[str] | None = None) -> None:
     except InversionError as err:
         print(f"lit-inversion: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except SIGTERMException:
+        # Lightning stopped at the end of the step (DLMI: the slots not yet stepped skipped it; SIP-It: the
+        # target in progress was abandoned); every finished target is in the results file, last.ckpt is saved.
+        print("lit-inversion: stopped by SIGTERM: finished targets are in the results file; run the same command "
+              "with --ckpt_path last to resume", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except ValueError as err:
         # A config class that rejects a value while jsonargparse instantiates it: jsonargparse wraps our
         # InversionError in a union-subtype report. Print the rejection, not the report's traceback.

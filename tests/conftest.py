@@ -78,6 +78,23 @@ def make_tiny_model(directory: Path, arch: str = "llama", layers: int = 4, vocab
     return directory
 
 
+# A tiny chat template for the word-level tokenizer: every turn is "<s> ROLE content </s>" (ROLE: w3 user,
+# w4 otherwise), the generation prompt "<s> w5".
+CHAT_TEMPLATE = ("{% for m in messages %}<s> {% if m['role'] == 'user' %}w3{% else %}w4{% endif %} "
+                 "{{ m['content'] }} </s> {% endfor %}{% if add_generation_prompt %}<s> w5 {% endif %}")
+
+
+def add_chat_template(directory: Path) -> Path:
+    """Give a saved tiny model's tokenizer CHAT_TEMPLATE."""
+    import json
+
+    path = directory / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    path.write_text(json.dumps(config))
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
@@ -137,3 +154,15 @@ def step_to_end(batch) -> list:
 
 def cli_command() -> list[str]:
     return [sys.executable, "-m", "lit_inversion"]
+
+
+def swap_options(**options):
+    """A plain swap search's options for tests that build a `SwapSearch` by hand: every position, a window of
+    4, move only to a better prompt, no copy limit, no move-set extras; `options` override."""
+    from lit_inversion.dlmi.search import SwapOptions
+
+    base = dict(candidates=64, topk=256, positions=0, n_replace=1, rank="lead", objective="hinge", margin=1.0,
+                window=4, accept="improve", no_revisit=True, patience=16, restart_swaps=3, copy_limit=1.0,
+                retokenize=False, chunk=None, sampling="random", distance_weight=0.0, dedupe=False, merge=0,
+                buffer=0, momentum=0.0)
+    return SwapOptions(**{**base, **options})

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -332,3 +334,44 @@ def test_dlmi_cli_accepts_the_copy_seed(tmp_path, tiny_llama_dir):
     assert all(len(r["prompt_ids"]) == 10 for r in records)
     # the copy seed repeats the target: its prompts share most of it
     assert max(r["prompt_target_lcs"] for r in records) >= 0.75
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_state_and_exits_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_llama_dir):
+    """SIGTERM (a scheduler's preemption): the run stops within seconds, non-zero, with one line on stderr,
+    last.ckpt holds the targets in flight; `--ckpt_path last` then finishes with the uninterrupted results."""
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    outputs = {}
+    for directory in (reference, stopped):
+        directory.mkdir()
+        config = _dlmi_config(directory, tiny_llama_dir, num_steps=60, checkpoint_every=1000)
+        command = cli_command() + ["fit", "--config", str(config), "--ckpt_path", "last",
+                                   "--model.method.check_every", "1000", "--model.method.refine_fraction", "0.5"]
+        if directory == stopped:
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+            chunks: list[bytes] = []  # the progress bar (stdout) redraws with \r, no newline: read bytes as they come
+            reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(proc.stdout.fileno(), 4096), b"")),
+                                      daemon=True)
+            reader.start()
+            deadline = time.time() + 240
+            # Wait for the progress bar to pass step 5: the targets are mid-flight (only SIGTERM saves last.ckpt).
+            while time.time() < deadline and proc.poll() is None and not re.search(
+                    rb"steps:[^\r\n]*?\|\s*([5-9]|\d\d+)/", b"".join(chunks)):
+                time.sleep(0.05)
+            assert proc.poll() is None, "the run ended before SIGTERM: give its targets more steps"
+            assert not (directory / "ckpt" / "last.ckpt").exists()
+            sent = time.time()
+            proc.send_signal(signal.SIGTERM)
+            stderr = proc.communicate(timeout=60)[1].decode()
+            reader.join(timeout=10)
+            assert time.time() - sent < 10, "SIGTERM took too long to stop the run"
+            assert proc.returncode == 128 + signal.SIGTERM
+            assert "stopped by SIGTERM" in stderr and "--ckpt_path last" in stderr and "Traceback" not in stderr
+            saved = torch.load(directory / "ckpt" / "last.ckpt", weights_only=False)
+            assert saved["dlmi_slots"] and all(s["steps"] > 0 for s in saved["dlmi_slots"].values())
+        run = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        outputs[directory] = {r["id"]: {k: v for k, v in r.items() if k != "seconds"}
+                              for r in read_results(directory / "results.jsonl")}
+        assert len(outputs[directory]) == 4
+    assert outputs[stopped] == outputs[reference]

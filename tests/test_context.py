@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import make_tiny_model
+from tests.conftest import add_chat_template, make_tiny_model
 from lit_inversion.dlmi import DlmiConfig, DlmiModule, OutputTargetsDataModule, invert_output
 from lit_inversion.dlmi.context import Context, render_context
 from lit_inversion.dlmi.data import read_output_targets
@@ -21,10 +21,7 @@ from lit_inversion.errors import InversionError
 from lit_inversion.models import load_model
 from lit_inversion.results import read_results
 
-# A tiny chat template: every turn is "<s> ROLE content </s>", the generation prompt "<s> w5".
-TEMPLATE = ("{% for m in messages %}<s> {% if m['role'] == 'user' %}w3{% else %}w4{% endif %} {{ m['content'] }} "
-            "</s> {% endfor %}{% if add_generation_prompt %}<s> w5 {% endif %}")
-BOS, EOS = 1, 2
+BOS, EOS = 1, 2  # with conftest's CHAT_TEMPLATE
 MESSAGES = [{"role": "system", "content": "w10 w11"}, {"role": "user", "content": "w20 {optim_str} w21"}]
 # <s> w4 w10 w11 </s> <s> w3 w20 | span | w21 </s> <s> w5
 BEFORE, AFTER = (BOS, 4, 10, 11, EOS, BOS, 3, 20), (21, EOS, BOS, 5)
@@ -32,11 +29,7 @@ BEFORE, AFTER = (BOS, 4, 10, 11, EOS, BOS, 3, 20), (21, EOS, BOS, 5)
 
 @pytest.fixture(scope="module")
 def chat_dir(tmp_path_factory):
-    directory = make_tiny_model(tmp_path_factory.mktemp("tiny-chat"), "llama", seed=3)
-    config = json.loads((directory / "tokenizer_config.json").read_text())
-    config["chat_template"] = TEMPLATE
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    return directory
+    return add_chat_template(make_tiny_model(tmp_path_factory.mktemp("tiny-chat"), "llama", seed=3))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from lit_inversion.dlmi import DlmiBatch, DlmiConfig, greedy_decode
 from lit_inversion.dlmi.batch import repeat_prompt
 from lit_inversion.dlmi.pool import invert_outputs
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, swap_options
 from tests.conftest import step_to_end as run_batch
 from lit_inversion.dlmi.targets import make_difficulty_targets, perplexity, read_jsonl, write_jsonl
 from lit_inversion.errors import InversionError
@@ -116,11 +116,11 @@ def test_best_acceptance_crosses_plateaus_and_keeps_the_best_prompt(tiny):
 
 
 def _swap_search(tiny, **options):
-    from lit_inversion.dlmi.search import PromptScorer, SwapOptions, SwapSearch
+    from lit_inversion.dlmi.search import PromptScorer, SwapSearch
 
     scorer = PromptScorer(tiny.model, [BOS])
     return SwapSearch(scorer, torch.tensor([9, 10, 11]), torch.ones(VOCAB, dtype=torch.bool),
-                      torch.tensor([20, 21, 22, 23]), SwapOptions(**options), torch.Generator().manual_seed(0))
+                      torch.tensor([20, 21, 22, 23]), swap_options(**options), torch.Generator().manual_seed(0))
 
 
 def test_greedy_sampling_takes_each_positions_best_untried_swaps(tiny):
@@ -180,12 +180,12 @@ def test_shared_prefix_candidates_equal_full_forwards(tiny):
 def test_swap_search_scores_multi_swaps_like_full_forwards(tiny):
     """Candidates grouped by their first changed position (one cached prefix per group) rank exactly
     as full forwards of each candidate prompt would."""
-    from lit_inversion.dlmi.search import PromptScorer, SwapOptions, SwapSearch
+    from lit_inversion.dlmi.search import PromptScorer, SwapSearch
 
     prompt, target = torch.tensor([7, 8, 9, 10, 11]), torch.tensor([20, 21, 22])
     scorer = PromptScorer(tiny.model, [BOS], True)
     swap = SwapSearch(scorer, target, torch.ones(VOCAB, dtype=torch.bool), prompt,
-                      SwapOptions(candidates=12, n_replace=2, window=0), torch.Generator().manual_seed(0))
+                      swap_options(candidates=12, n_replace=2, window=0), torch.Generator().manual_seed(0))
     _, _, cache = scorer.with_gradient(prompt, target)
     gain = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(1))
     candidates = swap._propose(lambda rows: gain[rows], prompt, target)

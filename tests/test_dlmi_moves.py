@@ -10,7 +10,7 @@ from lit_inversion.dlmi import DlmiBatch, DlmiConfig, greedy_decode, search
 from lit_inversion.dlmi.pool import invert_outputs
 from lit_inversion.dlmi.relax import adc_project
 from lit_inversion.errors import InversionError
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, swap_options
 from tests.conftest import step_to_end as run_batch
 from lit_inversion.models import load_model
 
@@ -131,7 +131,7 @@ def test_buffer_keeps_the_best_distinct_prompts_and_restarts_from_them(tiny):
 def test_momentum_accumulates_normalised_gradients():
     swap = search.SwapSearch.__new__(search.SwapSearch)
     torch.nn.Module.__init__(swap)
-    swap.options = search.SwapOptions(momentum=0.5)
+    swap.options = swap_options(momentum=0.5)
     swap.register_buffer("velocity", torch.zeros(2, 3))
     g1, g2 = torch.tensor([[3.0, 0, 0], [0, 4, 0]]), torch.tensor([[0, 0, 1.0], [0, 0, 0]])
     swap._with_momentum(g1)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import swap_options
+
 from lit_inversion.dlmi import relax
 from lit_inversion.dlmi import DlmiBatch, DlmiConfig
 from lit_inversion.models import LoadedModel
@@ -89,13 +91,13 @@ def test_a_relaxed_step_at_a_262k_vocabulary_is_sparse_and_finite(big_vocab):
 def test_swap_gains_are_computed_only_where_the_step_swaps(big_vocab):
     """The one-hot gain is computed at the step's positions only; every candidate's new token is still
     among the top-k of the dense [N, V] gain at its position."""
-    from lit_inversion.dlmi.search import PromptScorer, SwapOptions, SwapSearch
+    from lit_inversion.dlmi.search import PromptScorer, SwapSearch
 
     g = torch.Generator().manual_seed(0)
     N, E = 6, big_vocab.model.get_input_embeddings().weight
     prompt, target = torch.randint(3, BIG_VOCAB, (N,), generator=g), torch.tensor([5, 6, 7])
     swap = SwapSearch(PromptScorer(big_vocab.model, [BOS]), target, torch.ones(BIG_VOCAB, dtype=torch.bool), prompt,
-                      SwapOptions(candidates=16, topk=32, positions=2), g)
+                      swap_options(candidates=16, topk=32, positions=2), g)
     grad = torch.randn(N, E.shape[1], generator=g)
     asked = []
 

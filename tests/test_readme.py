@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from lit_inversion.cli import main
-from tests.conftest import ROOT, cli_command, make_tiny_model
+from tests.conftest import ROOT, add_chat_template, cli_command, make_tiny_model
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 CODE_BLOCK = re.compile(r"```(\w*)\n(.*?)```", re.S)
@@ -108,7 +108,7 @@ def tiny_deep_model(tmp_path_factory):
     """Deep enough for the README's layer-15 example, small enough to run it in seconds."""
     from lit_inversion.models import load_model
 
-    return load_model(str(make_tiny_model(tmp_path_factory.mktemp("tiny-deep"), "llama", layers=16)))
+    return load_model(str(add_chat_template(make_tiny_model(tmp_path_factory.mktemp("tiny-deep"), "llama", layers=16))))
 
 
 @pytest.mark.parametrize("index", range(len(code_blocks("python"))))

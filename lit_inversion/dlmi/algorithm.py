@@ -73,7 +73,7 @@ class DlmiBatch(TargetBatch):
                 self.logits[rows, cols, seeds[:, 0]] += c.init_scale
         self.best_prompt.copy_(self.argmax_prompts())
         # One swap search per target (the refinement); started when the relaxed phase ends.
-        options = self.swap_options()
+        options = c.swap_options()
         self.searches = nn.ModuleList(
             [self._swap_search(b, self.best_prompt[b], options, seeds[b] if c.init == "repeat" else None)
              for b in range(B)] if c.refine_steps else [])
@@ -82,21 +82,6 @@ class DlmiBatch(TargetBatch):
     def relax_topk(self) -> int:
         """Tokens per position of the sparse relaxation; 0: dense."""
         return relax.resolve_topk(self.config.relax_topk, self.logits.shape[-1])
-
-    def swap_options(self) -> search.SwapOptions:
-        """DLMI's swap search: lead-first ranking over a window; moves to the best candidate (or only to a
-        better prompt, with restarts on a plateau)."""
-        c = self.config
-        return search.SwapOptions(candidates=c.refine_candidates, topk=c.refine_topk, positions=c.refine_positions,
-                                  rank="lead", objective=c.refine_objective, margin=c.margin,
-                                  window=c.search_window, no_revisit=True,
-                                  # The copy seed moves between its seed prompts by restarts on a plateau.
-                                  accept="improve" if c.init == "repeat" else c.refine_accept,
-                                  sampling=c.refine_sampling, distance_weight=c.refine_distance_weight,
-                                  dedupe=c.refine_dedupe, merge=c.refine_merge, buffer=c.refine_buffer,
-                                  momentum=c.refine_momentum,
-                                  patience=c.refine_patience, restart_swaps=c.restart_swaps,
-                                  copy_limit=self.copy_limit)
 
     # ----- parameters -----------------------------------------------------------------------
     def tau(self) -> torch.Tensor:

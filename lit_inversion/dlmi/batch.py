@@ -262,11 +262,6 @@ class TargetBatch(nn.Module):
             rows.append(row)
         return torch.stack(rows).to(self.device)
 
-    @property
-    def copy_limit(self) -> float:
-        """The largest LCS(prompt, target) / M a search accepts (the copy seed opts out)."""
-        return 1.0 if self.config.init == "repeat" else self.config.max_prompt_target_lcs
-
     def _random_prompt(self, b: int) -> torch.Tensor:
         """Random allowed tokens for target b, drawn from its generator, within the copy limit."""
         choices = torch.nonzero(self.allowed[b]).flatten()
@@ -280,7 +275,7 @@ class TargetBatch(nn.Module):
     def _copies(self, b: int, prompt: list[int]) -> bool:
         """Whether `prompt` shares more of target b than the copy limit allows."""
         target = self.target(b).tolist()
-        return lcs_length(prompt, target) > self.copy_limit * len(target)
+        return lcs_length(prompt, target) > self.config.copy_limit * len(target)
 
     def _swap_search(self, b: int, prompt: torch.Tensor, options: search.SwapOptions,
                      seeds: torch.Tensor | None = None) -> search.SwapSearch:

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from lit_inversion.dlmi.search import SwapOptions
 from lit_inversion.errors import InversionError
 from lit_inversion.precision import DTYPES
 
@@ -107,6 +108,11 @@ class OutputConfig:
         checks.one_of(self, "compute_dtype", ("auto",) + tuple(DTYPES))
         checks.one_of(self, "init", self.inits)
         checks.fraction(self, "max_prompt_target_lcs")
+
+    @property
+    def copy_limit(self) -> float:
+        """The largest LCS(prompt, target) / M a search accepts (the copy seed opts out)."""
+        return 1.0 if self.init == "repeat" else self.max_prompt_target_lcs
 
     def with_options(self, **options) -> OutputConfig:
         """A copy with `options` set; an option this method lacks is an error naming the method's options."""
@@ -226,6 +232,19 @@ class DlmiConfig(OutputConfig):
                    max_prompt_target_lcs=1.0, relax_topk=0)
         return replace(base, **overrides)
 
+    def swap_options(self) -> SwapOptions:
+        """DLMI's swap search: lead-first ranking over a window; moves only to a better prompt (restarts on a
+        plateau), or to the best candidate every step (`refine_accept best`)."""
+        return SwapOptions(candidates=self.refine_candidates, topk=self.refine_topk, positions=self.refine_positions,
+                           n_replace=1, rank="lead", objective=self.refine_objective, margin=self.margin,
+                           window=self.search_window, no_revisit=True,
+                           # The copy seed moves between its seed prompts by restarts on a plateau.
+                           accept="improve" if self.init == "repeat" else self.refine_accept,
+                           patience=self.refine_patience, restart_swaps=self.restart_swaps,
+                           copy_limit=self.copy_limit, retokenize=False, chunk=None, sampling=self.refine_sampling,
+                           distance_weight=self.refine_distance_weight, dedupe=self.refine_dedupe,
+                           merge=self.refine_merge, buffer=self.refine_buffer, momentum=self.refine_momentum)
+
     @property
     def refine_steps(self) -> int:
         return int(round(self.refine_fraction * self.num_steps))
@@ -307,6 +326,14 @@ class GcgConfig(OutputConfig):
     """Candidates per scoring forward (null: all); halved on out-of-memory."""
     fill_token: str | None = None
     """Start from this one-token string repeated (nanoGCG 'x', GCG '!'); null: random tokens."""
+
+    def swap_options(self) -> SwapOptions:
+        """nanoGCG: mean cross-entropy over the whole target, always move to the best candidate."""
+        return SwapOptions(candidates=self.search_width, topk=self.topk, positions=0, n_replace=self.n_replace,
+                           rank="mean", objective="ce", margin=0.0, window=0, accept="best", no_revisit=False,
+                           patience=0, restart_swaps=0, copy_limit=self.copy_limit, retokenize=self.filter_ids,
+                           chunk=self.batch_size, sampling="random", distance_weight=0.0, dedupe=False, merge=0,
+                           buffer=0, momentum=0.0)
 
     def check(self, checks: _Checks) -> None:
         super().check(checks)

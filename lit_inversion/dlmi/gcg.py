@@ -32,22 +32,15 @@ class GcgBatch(TargetBatch):
 
     def __init__(self, loaded, targets, config, keys=None, context=None):
         super().__init__(loaded, targets, config, keys, context)
-        options = self.swap_options()
+        options = config.swap_options()
         start = self._start_prompts()
         self.best_prompt.copy_(start)
         self.searches = nn.ModuleList([self._swap_search(b, start[b], options) for b in range(self.batch_size)])
 
-    def swap_options(self) -> search.SwapOptions:
-        """nanoGCG: mean cross-entropy over the whole target, always move to the best candidate."""
-        c = self.config
-        return search.SwapOptions(candidates=c.search_width, topk=c.topk, positions=0, n_replace=c.n_replace,
-                                  rank="mean", window=0, accept="best", no_revisit=False, patience=0,
-                                  copy_limit=self.copy_limit, retokenize=c.filter_ids, chunk=c.batch_size)
-
     @property
     def scoring_batch_size(self) -> int | None:
         """Candidates per scoring forward now (after any out-of-memory halving); None: a whole group."""
-        return self.searches[0].options.chunk if len(self.searches) else None
+        return self.searches[0].chunk if len(self.searches) else None
 
     @property
     def current(self) -> torch.Tensor:

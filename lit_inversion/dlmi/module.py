@@ -127,7 +127,8 @@ class DlmiModule(InversionJob):
         self.optimisation_steps += 1
         self._step_progress().increment_ready()
         if not self.pool.empty:  # else a no-op step: other ranks still have targets
-            self._log_step(self.pool.step())
+            # On SIGTERM the slots not yet stepped skip this step; Lightning then stops at its end.
+            self._log_step(self.pool.step(interrupted=lambda: self.trainer.received_sigterm))
         self._step_progress().increment_completed()
 
     def _log_step(self, step: PoolStep) -> None:

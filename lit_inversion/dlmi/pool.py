@@ -110,11 +110,15 @@ class TargetPool:
                 self.slots[i] = Slot(target, batch)
 
     # ----- one step -----------------------------------------------------------------------------
-    def step(self) -> PoolStep:
-        """One optimisation step of every occupied slot; stopped targets leave, queued ones take their slots."""
+    def step(self, interrupted: Callable[[], bool] | None = None) -> PoolStep:
+        """One optimisation step of every occupied slot; stopped targets leave, queued ones take their slots.
+        Once `interrupted()` is true the remaining slots skip this step (each target's state stays its own,
+        so a slot one step behind resumes exactly where it was)."""
         self.fill()
         out, due = PoolStep(), []
         for slot in self.running:
+            if interrupted is not None and interrupted():
+                break
             stats = slot.batch.step()
             # One host sync for the slot's three figures.
             loss, tau, soft_lcs = torch.stack([stats.loss[0], stats.tau[0], stats.soft_lcs[0].to(stats.loss.dtype)]).tolist()

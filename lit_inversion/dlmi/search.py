@@ -118,31 +118,33 @@ def map_with_backoff(fn: Callable[[int, int], object], total: int, batch_size: i
     return results, batch_size
 
 
-@dataclass
+@dataclass(frozen=True)
 class SwapOptions:
-    """How one `SwapSearch` proposes, scores and accepts swaps (DLMI's refinement and GCG are two presets)."""
+    """How one `SwapSearch` proposes, scores and accepts swaps. Read-only during a run, and with no
+    defaults of its own: a method's config builds it (`DlmiConfig.swap_options()`, `GcgConfig.swap_options()`),
+    so each knob has one name and one default, the config's."""
 
-    candidates: int = 64  # candidate prompts scored per step
-    topk: int = 256  # each swap draws from the top-k tokens of the one-hot gradient at its position
-    positions: int = 0  # prompt positions a step swaps at (a random subset); 0 = every position
-    n_replace: int = 1  # positions changed per candidate
-    rank: str = "lead"  # lead: right target prefix first, then `objective` over the window | mean: GCG's mean CE
-    objective: str = "hinge"  # per-position loss of the lead rank: hinge on the logit margin | ce
-    margin: float = 1.0  # kappa of the hinge
-    window: int = 4  # lead rank: score the right prefix + this many target positions (0 = the whole target)
-    accept: str = "improve"  # improve: move only to a better prompt | best: always to the best candidate
-    no_revisit: bool = True  # a swap scored against the current prompt is not scored again (reset on a move)
-    patience: int = 16  # steps without a move before a restart (0 = never)
-    restart_swaps: int = 3  # positions of the best prompt a restart re-draws (seeded restarts: the next seed)
-    copy_limit: float = 1.0  # largest LCS(prompt, target) / M a candidate may have (1.0 = off)
-    retokenize: bool = False  # drop candidates whose decode -> encode round trip changes the ids
-    chunk: int | None = None  # candidates per scoring forward (None: a whole group); halved on out-of-memory
-    sampling: str = "random"  # random: a random draw from each position's top-k | greedy: its best untried ones
-    distance_weight: float = 0.0  # rank swaps by standardised gain minus this times standardised embedding distance
-    dedupe: bool = False  # Faster-GCG: never score a prompt this target's search has scored before
-    merge: int = 0  # I-GCG: also score the step's best 2..merge single swaps (distinct positions) applied together
-    buffer: int = 0  # ACG: keep the best `buffer` prompts scored; a restart resumes from the best unused one
-    momentum: float = 0.0  # MAC: rank swaps by a momentum of the normalised token gradient (0 = off)
+    candidates: int  # candidate prompts scored per step
+    topk: int  # each swap draws from the top-k tokens of the one-hot gradient at its position
+    positions: int  # prompt positions a step swaps at (a random subset); 0 = every position
+    n_replace: int  # positions changed per candidate
+    rank: str  # lead: right target prefix first, then `objective` over the window | mean: GCG's mean CE
+    objective: str  # per-position loss of the lead rank: hinge on the logit margin | ce
+    margin: float  # kappa of the hinge
+    window: int  # lead rank: score the right prefix + this many target positions (0 = the whole target)
+    accept: str  # improve: move only to a better prompt | best: always to the best candidate
+    no_revisit: bool  # a swap scored against the current prompt is not scored again (reset on a move)
+    patience: int  # steps without a move before a restart (0 = never)
+    restart_swaps: int  # positions of the best prompt a restart re-draws (seeded restarts: the next seed)
+    copy_limit: float  # largest LCS(prompt, target) / M a candidate may have (1.0 = off)
+    retokenize: bool  # drop candidates whose decode -> encode round trip changes the ids
+    chunk: int | None  # candidates per scoring forward (None: a whole group); halved on out-of-memory
+    sampling: str  # random: a random draw from each position's top-k | greedy: its best untried ones
+    distance_weight: float  # rank swaps by standardised gain minus this times standardised embedding distance
+    dedupe: bool  # Faster-GCG: never score a prompt this target's search has scored before
+    merge: int  # I-GCG: also score the step's best 2..merge single swaps (distinct positions) applied together
+    buffer: int  # ACG: keep the best `buffer` prompts scored; a restart resumes from the best unused one
+    momentum: float  # MAC: rank swaps by a momentum of the normalised token gradient (0 = off)
 
 
 @dataclass
@@ -167,6 +169,7 @@ class SwapSearch(nn.Module):
                  seeds: torch.Tensor | None = None, random_prompt: Callable[[], torch.Tensor] | None = None):
         super().__init__()
         self.scorer, self.options, self.generator, self.tokenizer = scorer, options, generator, tokenizer
+        self.chunk = options.chunk  # candidates per scoring forward: adapts (halves) on out-of-memory
         self.random_prompt = random_prompt
         N, V, device = prompt.shape[0], allowed.shape[0], prompt.device
         self.register_buffer("target", target.clone(), persistent=False)
@@ -449,9 +452,9 @@ class SwapSearch(nn.Module):
                 scored, _ = self.rank(self.scorer.prompts(candidates[rows[s:e]], p, target, cache), target)
                 return scored
 
-            parts, used = map_with_backoff(run, len(rows), self.options.chunk or len(rows))
-            if self.options.chunk is not None and used < self.options.chunk:
-                self.options.chunk = used  # later steps start at the size that fitted
+            parts, used = map_with_backoff(run, len(rows), self.chunk or len(rows))
+            if self.chunk is not None and used < self.chunk:
+                self.chunk = used  # later steps start at the size that fitted
             keys[rows] = torch.cat([s.key for s in parts])
             leads[rows] = torch.cat([s.lead for s in parts])
             preds[rows] = torch.cat([s.pred for s in parts])

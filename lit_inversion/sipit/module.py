@@ -11,6 +11,7 @@ import time
 from dataclasses import replace
 
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_inversion.console import inner_progress, say
 from lit_inversion.errors import InversionError
@@ -112,6 +113,8 @@ class SipItModule(InversionJob):
             bar = inner_progress(self, len(target.states), f"{target.id} positions")
 
             def on_position(t: int, token: int, tested: int) -> None:
+                if self.trainer.received_sigterm:  # abandon this target (it is redone on resume): exit now
+                    raise SIGTERMException
                 bar.update(1)
                 bar.set_postfix(candidates=tested)
                 self.positions_done += 1
