@@ -47,7 +47,7 @@ from benchmarks.common import hardware, median_seconds, run_record
 
 from lit_inversion.dlmi.config import DlmiConfig
 from lit_inversion.dlmi.batch import greedy_decode
-from lit_inversion.dlmi import make_batch, method_config, search
+from lit_inversion.dlmi import make_batch, method_config
 from lit_inversion.dlmi.data import OutputTarget
 from lit_inversion.dlmi.pool import invert_outputs, run_pool
 from lit_inversion.models import load_model
@@ -125,8 +125,6 @@ def step_cost(loaded, config: DlmiConfig, target: list[int], repeats: int = 3) -
     For a swap search, `model_share` is the fraction of the step spent in its model calls (the
     gradient forward and backward and the candidates' forwards); the rest is the search's own work.
     `check` is one honest check (a greedy decode of M tokens)."""
-    from lit_inversion.dlmi import search
-
     batch = make_batch(loaded, [target], config)
     model, E, M = loaded.model, loaded.model.get_input_embeddings().weight, len(target)
     searching = config.name == "gcg" or (config.name != "reinforce" and config.refine_steps > 0)
@@ -142,36 +140,19 @@ def step_cost(loaded, config: DlmiConfig, target: list[int], repeats: int = 3) -
         torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels).backward()
 
     reference = median_seconds(forward_backward, repeats)
-    in_model = [0.0]
-    originals = (search.PromptScorer.with_gradient, search.PromptScorer.prompts, torch.autograd.grad)
-
-    def timed(fn):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                in_model[0] += time.perf_counter() - start
-        return wrapper
-
-    if searching:  # count the time inside the model calls of the step
-        search.PromptScorer.with_gradient, search.PromptScorer.prompts = map(timed, originals[:2])
-        torch.autograd.grad = timed(originals[2])
-    try:
-        batch.step()  # warm-up (and the search's start)
-        in_model[0], times = 0.0, []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            batch.step()
-            times.append(time.perf_counter() - start)
-    finally:
-        search.PromptScorer.with_gradient, search.PromptScorer.prompts, torch.autograd.grad = originals
+    batch.step()  # warm-up (and the search's start)
+    in_model, times = batch.scorer.model_seconds, []  # the scorer times the step's model calls itself
+    for _ in range(repeats):
+        start = time.perf_counter()
+        batch.step()
+        times.append(time.perf_counter() - start)
+    in_model = batch.scorer.model_seconds - in_model
     step = statistics.median(times)
     start = time.perf_counter()
     batch.check()  # the honest check (greedy decoding), run every `check_every` steps
     check = time.perf_counter() - start
     return dict(check=check, rows=rows, forward_backward=reference, step=step, ratio=step / reference,
-                model_share=in_model[0] / sum(times) if searching else None,
+                model_share=in_model / sum(times) if searching else None,
                 relax_topk=None if searching else getattr(batch, "relax_topk", 0))
 
 
@@ -232,10 +213,10 @@ def run_throughput(args, loaded, targets: list[dict]) -> None:
                                                      "rows": rows}, indent=1))
 
 
-def evals_per_step(config) -> int:
+def evals_per_step(config, gradient_cost: int) -> int:
     """Candidate evaluations a step of `config` spends at most (the search's phase for a mixed method):
-    prompts scored by a forward, a gradient pass as search.GRADIENT_EVALUATIONS."""
-    g = search.GRADIENT_EVALUATIONS
+    prompts scored by a forward, a gradient pass as `gradient_cost`."""
+    g = gradient_cost
     if config.name == "gcg":
         return config.search_width + g
     if config.name == "reinforce":
@@ -269,7 +250,7 @@ def lead_of(output: list[int], target: list[int]) -> int:
     return lead
 
 
-def budget_curve(loaded, target: dict, name: str, make, args, n: int) -> list[dict]:
+def budget_curve(loaded, target: dict, name: str, make, args, n: int, gradient_cost: int) -> list[dict]:
     """One target under one method: the honest result each time the spent evaluations pass a budget."""
     from lit_inversion.dlmi.batch import check_batches, greedy_decode
     from lit_inversion.metrics import lcs_ratio
@@ -285,7 +266,7 @@ def budget_curve(loaded, target: dict, name: str, make, args, n: int) -> list[di
                    output=loaded.tokenizer.decode(out))
         return [dict(row, budget=b) for b in budgets]
     config = make(args, prompt_length=n, num_steps=1)
-    per_step = evals_per_step(config)
+    per_step = evals_per_step(config, gradient_cost)
     searching = config.name == "gcg" or (config.name == "dlmi" and config.refine_fraction > 0)
     # Steps are a cap: the budget ends the run. A search's step may score fewer candidates than its
     # width (filters, dedupe), so it gets twice the steps the full width would need.
@@ -301,7 +282,7 @@ def budget_curve(loaded, target: dict, name: str, make, args, n: int) -> list[di
         stepped = not batch.finished
         if stepped:
             batch.step()
-            spent = int(batch.evaluations()[0])
+            spent = int(batch.evaluations(gradient_cost)[0])
             if batch.check_due:  # the job's own checks: every check_every steps, and on a teacher-forced match
                 check_batches([batch])
         while budgets[len(rows):] and (spent >= budgets[len(rows)] or not stepped):
@@ -323,10 +304,10 @@ def run_budgets(args, loaded, targets: list[dict]) -> None:
                                        sources=sources)
         kinds = [dict(t, kind=f"reachable {t['kind']}") for t in fresh] + kinds
     ratio = gradient_cost(loaded, max(args.prompt_lengths))
-    search.GRADIENT_EVALUATIONS = max(1, round(ratio))  # the batches count gradient passes at this cost
+    gradient_cost = max(1, round(ratio))  # the batches' gradient passes count at this cost
     print(f"DLMI budget curves | model {args.model} | {hardware()} | torch {torch.__version__} | "
           f"{len(kinds)} targets | budgets {args.budgets} evaluations | a gradient pass measured at "
-          f"{ratio:.2f} forwards, counted as {search.GRADIENT_EVALUATIONS}", flush=True)
+          f"{ratio:.2f} forwards, counted as {gradient_cost}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -334,7 +315,7 @@ def run_budgets(args, loaded, targets: list[dict]) -> None:
         for t in kinds:
             for name in args.methods:
                 make = METHODS.get(name)
-                for r in budget_curve(loaded, t, name, make, args, n):
+                for r in budget_curve(loaded, t, name, make, args, n, gradient_cost):
                     rows.append(dict(r, id=t["id"], kind=t["kind"], method=name, N=n))
                 last = rows[-1]
                 print(f"  N={n} {t['kind']} {t['id']} {name}: honest={last['honest']:.2f} lead={last['lead']:.2f} "
@@ -343,7 +324,7 @@ def run_budgets(args, loaded, targets: list[dict]) -> None:
                 (out / "dlmi_budget.json").write_text(json.dumps(
                     {"hardware": hardware(), "model": args.model, "budgets": sorted(args.budgets),
                      "gcg_width": args.gcg_width, "reachable_seed": args.reachable_seed,
-                     "gradient_ratio": ratio, "gradient_evaluations": search.GRADIENT_EVALUATIONS, **run_record(),
+                     "gradient_ratio": ratio, "gradient_evaluations": gradient_cost, **run_record(),
                      "rows": rows}, indent=1))
     print(f"\n### Budget curves, {args.model}, {hardware()}: mean honest LCS (exact) per target kind\n")
     for kind in dict.fromkeys(t["kind"] for t in kinds):

@@ -42,10 +42,6 @@ def weights_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     return resolve_dtype(name, torch.device(device))
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 @contextlib.contextmanager
 def exact_float32() -> Iterator[None]:
     """float32 matmuls in full precision inside, whatever the caller set (TF32 moves a state by ~1e-3

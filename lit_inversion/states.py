@@ -181,10 +181,6 @@ def expand_cache(cache, batch: int):
     return DynamicCache(ddp_cache_data=data)
 
 
-def cache_length(cache) -> int:
-    return 0 if cache is None else int(cache.get_seq_length())
-
-
 # float16's largest finite value is 65,504; real models' deep states reach that (Gemma-3's exceed it) and
 # intermediate activations run higher than the states, so float16 is kept well below the limit.
 FLOAT16_SAFE = 2.0 ** 13

@@ -185,7 +185,7 @@ def test_dlmi_cli_run_writes_records_and_tensorboard(tmp_path, tiny_llama_dir):
     events = EventAccumulator(str(next((tmp_path / "runs").rglob("events.out.tfevents.*")).parent))
     events.Reload()
     # The default search has no temperature, so no dlmi/mean_tau (the relaxed phase logs it).
-    assert {"dlmi/loss", "dlmi/soft_lcs", "dlmi/honest_lcs"} <= set(events.Tags()["scalars"])
+    assert {"dlmi/loss", "dlmi/soft_lcs", "dlmi/honest_lcs", "dlmi/forwards", "dlmi/gradient_passes"} <= set(events.Tags()["scalars"])
     assert "dlmi/mean_tau" not in events.Tags()["scalars"]
     assert "dlmi/finished_targets/text_summary" in events.Tags()["tensors"]
 

@@ -146,7 +146,7 @@ class DlmiBatch(TargetBatch):
         c = self.config
         if c.relaxed_method == "adc":
             return self._adc_step(idx)
-        self.spent[idx] += search.GRADIENT_EVALUATIONS * c.gumbel_samples
+        self.gradients[idx] += c.gumbel_samples
         S, N, V = c.gumbel_samples, c.prompt_length, self.logits.shape[-1]
         step = int(self.steps[idx[0]])
         straight = c.relaxation == "straight_through" or step >= c.straight_through_from * c.relaxed_steps
@@ -172,7 +172,8 @@ class DlmiBatch(TargetBatch):
                       else self.scorer.free_running_logits(soft, self.target_ids.shape[1]))
         row_loss = self._token_losses(logits, rows)  # [A*S]
         per_target = row_loss.view(len(idx), S).mean(1)
-        per_target.sum().backward()  # a sum keeps each target's gradient independent of the batch
+        with self.scorer.timed():
+            per_target.sum().backward()  # a sum keeps each target's gradient independent of the batch
         self._masked_optimizer_step(idx)
         lcs = torch.tensor(self._lcs_rows(logits.detach().argmax(-1), rows), device=idx.device).view(len(idx), S).mean(1)
         self.soft_lcs[idx] = lcs
@@ -197,7 +198,8 @@ class DlmiBatch(TargetBatch):
             keys = self._discrete_key(rounded, idx)
             better = keys < self.rounded_key[idx]
             self.rounded[idx[better]], self.rounded_key[idx[better]] = rounded[better], keys[better]
-        self.spent[idx] += search.GRADIENT_EVALUATIONS + 1
+        self.gradients[idx] += 1
+        self.forwards[idx] += 1
         self.soft_lcs[idx] = torch.tensor(self._lcs_rows(logits.detach().argmax(-1), idx), device=idx.device)
         return loss.detach(), torch.full((len(idx),), float("nan"), device=idx.device)
 
@@ -261,7 +263,7 @@ class DlmiBatch(TargetBatch):
                     options.append(torch.tensor(fill, device=self.device))
             options = torch.stack(options)
             start = options[self._discrete_key(options, torch.full((len(options),), b, device=self.device)).argmin()]
-            self.spent[b] += len(options)
+            self.forwards[b] += len(options)
             if c.beam_positions:
                 start = self._beam_start(b, start)
         self.searches[b].reset(start, forget_best=True)
@@ -300,7 +302,7 @@ class DlmiBatch(TargetBatch):
             copying = torch.tensor([self._copies(b, row) for row in candidates.tolist()], dtype=torch.bool,
                                    device=self.device)
             keys = keys.masked_fill(copying, torch.inf)
-            self.spent[b] += len(beams) + len(candidates)
+            self.forwards[b] += len(beams) + len(candidates)
             beams = candidates[keys.argsort()[: c.beam_width]]
         return beams[0]
 

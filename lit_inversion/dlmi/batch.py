@@ -155,9 +155,10 @@ class TargetBatch(nn.Module):
         self.register_buffer("best_lcs", torch.full((B,), -1.0, device=device))
         self.register_buffer("soft_lcs", torch.zeros(B, device=device))
         self.register_buffer("seconds", torch.zeros(B, dtype=torch.float64, device=device))
-        # Candidate evaluations spent outside a swap search (relaxed steps, samples, a start beam):
-        # a prompt scored by a forward counts 1, a gradient pass search.GRADIENT_EVALUATIONS.
-        self.register_buffer("spent", torch.zeros(B, dtype=torch.long, device=device))
+        # Work spent outside a swap search (relaxed steps, samples, a start beam): prompts scored by a
+        # forward, and gradient passes (one per differentiated prompt).
+        self.register_buffer("forwards", torch.zeros(B, dtype=torch.long, device=device))
+        self.register_buffer("gradients", torch.zeros(B, dtype=torch.long, device=device))
         self._started = time.perf_counter()
 
     # ----- basics -------------------------------------------------------------------------------
@@ -187,12 +188,20 @@ class TargetBatch(nn.Module):
         steps = int(self.steps.max())
         return steps % self.config.check_every == 0 or steps >= self.config.num_steps or self.finished
 
-    def evaluations(self) -> torch.Tensor:
-        """[B] candidate evaluations each target has spent (its swap search's and the rest)."""
+    def work(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B] forwards, [B] gradient passes) each target has spent: prompts scored by a forward, and
+        forward-and-backward passes (its swap search's and the rest)."""
         searches = getattr(self, "searches", None)
         if not searches:
-            return self.spent.clone()
-        return self.spent + torch.stack([s.evaluations for s in searches])
+            return self.forwards.clone(), self.gradients.clone()
+        return (self.forwards + torch.stack([s.forwards for s in searches]),
+                self.gradients + torch.stack([s.gradients for s in searches]))
+
+    def evaluations(self, gradient_cost: int = 3) -> torch.Tensor:
+        """[B] candidate evaluations each target has spent: forwards, plus `gradient_cost` per gradient pass
+        (a forward and backward cost 2.1-2.3 forwards for SmolLM2 on a CPU; the budget benchmark measures it)."""
+        forwards, gradients = self.work()
+        return forwards + gradient_cost * gradients
 
     def target(self, b: int) -> torch.Tensor:
         return self.target_ids[b, : self.lengths[b]]

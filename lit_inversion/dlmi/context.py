@@ -42,10 +42,6 @@ class Context:
     def to_dict(self) -> dict:
         return {"before": list(self.before), "after": list(self.after)}
 
-    @classmethod
-    def from_dict(cls, state: dict) -> Context:
-        return cls(tuple(int(i) for i in state["before"]), tuple(int(i) for i in state["after"]))
-
 
 def bare_context(bos_id: int | None, prepend_bos: bool = True) -> Context:
     """No text around the span: `[BOS] + span + target` (the token convention of `lit_inversion.tokens`)."""

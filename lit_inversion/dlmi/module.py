@@ -133,7 +133,9 @@ class DlmiModule(InversionJob):
 
     def _log_step(self, step: PoolStep) -> None:
         finite = [x for x in step.loss if math.isfinite(x)]
-        scalars = {"dlmi/soft_lcs": sum(step.soft_lcs) / len(step.soft_lcs)}
+        scalars = {"dlmi/forwards": step.forwards, "dlmi/gradient_passes": step.gradients}
+        if step.soft_lcs:  # else every slot skipped the step (SIGTERM)
+            scalars["dlmi/soft_lcs"] = sum(step.soft_lcs) / len(step.soft_lcs)
         if finite:
             scalars["dlmi/loss"] = sum(finite) / len(finite)
         taus = [x for x in step.tau if math.isfinite(x)]  # methods without a temperature: nan

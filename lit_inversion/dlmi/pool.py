@@ -66,6 +66,8 @@ class PoolStep:
     soft_lcs: list[float] = field(default_factory=list)
     checked: list[tuple[str, DlmiResult]] = field(default_factory=list)
     finished: list[tuple[str, DlmiResult]] = field(default_factory=list)
+    forwards: int = 0  # prompts scored by a forward this step, over every slot
+    gradients: int = 0  # gradient passes this step, over every slot
 
 
 class TargetPool:
@@ -119,7 +121,12 @@ class TargetPool:
         for slot in self.running:
             if interrupted is not None and interrupted():
                 break
+            before = slot.batch.work()
             stats = slot.batch.step()
+            after = slot.batch.work()
+            forwards, gradients = (after[0] - before[0]).sum().item(), (after[1] - before[1]).sum().item()
+            out.forwards += int(forwards)
+            out.gradients += int(gradients)
             # One host sync for the slot's three figures.
             loss, tau, soft_lcs = torch.stack([stats.loss[0], stats.tau[0], stats.soft_lcs[0].to(stats.loss.dtype)]).tolist()
             out.ids.append(slot.target.id)

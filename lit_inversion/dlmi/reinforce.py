@@ -55,7 +55,7 @@ class ReinforceBatch(TargetBatch):
         with torch.no_grad(), self._autocast():
             tf_logits = self._target_logits(self._embeddings[samples.flatten(0, 1)], rows)
             ce = self._token_losses(tf_logits, rows).view(A, S)
-        self.spent[idx] += S  # forwards only: the score function needs no backward through the model
+        self.forwards[idx] += S  # forwards only: the score function needs no backward through the model
         reward = -ce
         mean_reward = reward.mean(1)
         baseline = self.reward_baseline[idx]

@@ -12,7 +12,9 @@ share the gradient forward's cache up to p (`share_prefix`). The honest check de
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -60,6 +62,16 @@ class PromptScorer:
         self.share_prefix = share_prefix and DynamicCache is not None
         self.cache_context = cache_context and DynamicCache is not None
         self._before_layers: dict[object, Layers | None] = {}  # by autocast dtype
+        self.model_seconds = 0.0  # wall time inside the optimisation's model calls (forwards, backwards)
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        """Count the block's wall time in `model_seconds` (a step's model share, read by the benchmarks)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.model_seconds += time.perf_counter() - start
 
     @property
     def device(self) -> torch.device:
@@ -90,6 +102,10 @@ class PromptScorer:
              past_length: int | None = None):
         """The backbone over embeddings x [R, L, d] after `past_length` cached positions of `past` (default:
         after the `before` ids, cached or run in front of x). Returns (hidden [R, L, d], cache or None)."""
+        with self.timed():
+            return self._run_untimed(x, use_cache, past, past_length)
+
+    def _run_untimed(self, x: torch.Tensor, use_cache: bool, past: Layers | None, past_length: int | None):
         R, L = x.shape[:2]
         if past is None:
             past = self._before_cache()

@@ -20,7 +20,8 @@ without a buffer), and the filters (allowed tokens, copy limit, decode -> encode
 Move-set options from the GCG literature, each off unless set: `dedupe` (Faster-GCG: no prompt is
 scored twice), `merge` (I-GCG: the step's best single swaps also applied together), `buffer` (ACG:
 restarts from the best prompts kept), `momentum` (MAC: a momentum of the token gradient ranks swaps).
-Every search counts the candidate evaluations it spends (`evaluations`), which budgets compare.
+Every search counts its work (`forwards`: prompts scored; `gradients`: gradient passes), which
+budgets compare; its scorer times the model calls (`PromptScorer.model_seconds`).
 """
 
 from __future__ import annotations
@@ -37,9 +38,6 @@ from lit_inversion.errors import InversionError
 from lit_inversion.metrics import lcs_length
 
 BIG = 1e6  # one more right leading position outweighs any loss difference
-# A gradient pass (forward and backward of one prompt) counted in candidate evaluations; the budget
-# benchmark sets it to the ratio it measures on its hardware (2.1-2.3 forwards for SmolLM2 on a CPU).
-GRADIENT_EVALUATIONS = 3
 
 
 @dataclass
@@ -185,8 +183,9 @@ class SwapSearch(nn.Module):
         # The best prompt the search has ranked (restarts start from it, perturbed).
         self.register_buffer("best", prompt.clone())
         self.register_buffer("best_key", torch.tensor(torch.inf, dtype=torch.float64, device=device))
-        # Candidate evaluations spent: prompts scored, plus GRADIENT_EVALUATIONS per gradient pass.
-        self.register_buffer("evaluations", torch.zeros((), dtype=torch.long, device=device))
+        # Work spent: prompts scored by a forward, and gradient passes (a forward and backward of one prompt).
+        self.register_buffer("forwards", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("gradients", torch.zeros((), dtype=torch.long, device=device))
         d = scorer.E.shape[1]
         self.register_buffer("velocity", torch.zeros(N if options.momentum else 0, d, device=device))
         K = options.buffer
@@ -232,7 +231,7 @@ class SwapSearch(nn.Module):
         prompt = self.prompt.clone()
         while True:
             logits, emb, cache = self.scorer.with_gradient(prompt, target[:w])
-            self.evaluations += GRADIENT_EVALUATIONS
+            self.gradients += 1
             now, loss = self.rank(logits, target[:w])
             if not (w < n and int(now.lead[0]) == w):
                 break
@@ -241,7 +240,8 @@ class SwapSearch(nn.Module):
         self._remember(prompt[None])
         if int(now.lead[0]) == n and (checked is None or not torch.equal(checked, prompt)):
             return SwapStep(float(now.key[0]), n, now.pred[0], True)  # confirm before moving away
-        (grad,) = torch.autograd.grad(loss.sum(), emb)
+        with self.scorer.timed():
+            (grad,) = torch.autograd.grad(loss.sum(), emb)
         grad = self._with_momentum(grad[0])
         candidates = self._propose(lambda positions: self._gain(grad, positions), prompt, target, n_replace)
         if len(candidates) == 0:
@@ -436,7 +436,7 @@ class SwapSearch(nn.Module):
         """(keys [C], leads [C], teacher-forced argmax [C, w]), scored in groups sharing the prompt
         before their first changed position (one cached prefix per group); `together`: one group from
         the earliest such position (a few candidates: one forward costs less than several)."""
-        self.evaluations += len(candidates)
+        self.forwards += len(candidates)
         self._remember(candidates)
         first = (candidates != prompt).long().argmax(1)
         if together:
