@@ -30,6 +30,7 @@ KIND_MODULES = (
     "dlmi",
     "throughput",
     "step_cost",
+    "context_cache",
     "robustness",
     "capture",
     "precision",
