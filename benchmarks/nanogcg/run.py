@@ -6,10 +6,10 @@
 `prepared.jsonl` comes from `benchmarks/anchor.py prepare` (our environment): per target its `messages`
 (or none: bare), the ids we put before and after the span and the target's ids and text. This script
 makes nanoGCG see the same ids, or skips the target and says why:
-- bare: the tokenizer gets a content-only template that starts with the BOS token's text;
+- bare: the tokenizer gets a content-only template (the tokenizer adds BOS when nanoGCG tokenises);
 - chat: nanoGCG 0.3.0 strips every BOS token from the rendered template; SmolLM2's BOS token is
-  `<|im_start|>`, so that would delete every turn marker. Its tokenizer's `bos_token` is hidden from it
-  (the text still tokenises `<|im_start|>` as the special token).
+  `<|im_start|>`, so that would delete every turn marker. The template drops only its leading BOS text
+  (the tokenizer adds BOS back) and the tokenizer's `bos_token` is hidden from nanoGCG, so it strips nothing.
 nanoGCG has no time limit: a subclass checks the clock before each step and stops once T is spent; the
 best string so far (nanoGCG's own choice: the lowest loss of any step) is read from its step log.
 Each result is appended as it finishes, so a stopped run resumes.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from nanogcg import GCG, GCGConfig
+from nanogcg.gcg import GCG, GCGConfig
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -89,12 +89,16 @@ def nanogcg_ids(tokenizer, messages, target: str) -> tuple[list[int], list[int],
 
 
 def prepare_tokenizer(tokenizer, chat: bool):
-    """A copy nanoGCG renders our ids with (see the module docstring)."""
+    """A copy nanoGCG renders our ids with (see the module docstring). This tokenizer adds BOS itself when
+    nanoGCG tokenises the text before the span, so the template leaves out a leading BOS text."""
     tok = copy.deepcopy(tokenizer)
-    bos_text = tok.bos_token
-    if not chat:
-        tok.chat_template = bos_text + "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    tok.bos_token = None  # nanoGCG then keeps the template's BOS (and, in a chat, every turn marker)
+    bos = tok.bos_token
+    if chat:  # the template as it is, less a leading BOS text (nanoGCG would delete every occurrence)
+        tok.chat_template = ("{% set rendered %}" + tok.chat_template + "{% endset %}"
+                             "{{ rendered[" + str(len(bos)) + ":] if rendered.startswith('" + bos + "') else rendered }}")
+    else:  # bare: the span alone
+        tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.bos_token = None  # so nanoGCG strips nothing
     return tok
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
+from lit_inversion.dlmi.batch import validate_targets
 from lit_inversion.dlmi.context import OPTIM_STR, Context, render_context
 from lit_inversion.errors import InversionError
 from lit_inversion.models import LoadedModel
@@ -178,8 +179,6 @@ class OutputTargetsDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module
         loaded = module.load()
         targets = self.build_targets(loaded, module.config.prepend_bos)
-        from lit_inversion.dlmi.batch import validate_targets  # the method's modules import this one
-
         validate_targets(loaded, [t.ids for t in targets], module.config, [t.context for t in targets],
                          [t.id for t in targets])
         done = module.finished_ids()
