@@ -357,3 +357,25 @@ def test_readme_block_is_rewritten_in_place(tmp_path, monkeypatch):
     assert text.startswith("# x\n\n## Results at a glance\n\n" + report.readme_block(sources) + "\nEvery benchmark table\n")
     report.write_readme_block(sources)
     assert readme.read_text() == text
+
+
+def test_the_nanogcg_comparison_is_rendered_from_its_summary(tmp_path, monkeypatch):
+    """benchmarks/anchor.py summary's JSON: one row per arm and context, rendered as the page's table."""
+    row = dict(id="t", kind="random", context="chat", method="dlmi", package="lit-inversion", honest_lcs=0.7,
+               exact=False, seconds=40.0)
+    summary = [dict(context="chat", method="dlmi", package="lit-inversion", targets=2, exact=1, honest_lcs=0.75,
+                    remaining_error=0.25, median_seconds_to_exact=31.0, seconds_per_target=40.2, prompt_perplexity=457.0),
+               dict(context="chat", method="nanogcg (width 64, top-k 64)", package="nanogcg==0.3.0", targets=2, exact=0,
+                    honest_lcs=0.5, remaining_error=0.5, median_seconds_to_exact=None, seconds_per_target=52.9,
+                    prompt_perplexity=None)]
+    path = tmp_path / "dlmi_anchor.json"
+    path.write_text(json.dumps(dict(hardware="CPU test, 1 threads", model="tiny-test", command="python benchmarks/anchor.py",
+                                    commit="abc1234", date="2026-01-02T03:04:05", summary=summary, rows=[row])))
+    out = tmp_path / "pages"
+    monkeypatch.setattr(report, "load_pyplot", lambda: None)
+    monkeypatch.setattr("sys.argv", ["report.py", str(path), "--out", str(out)])
+    report.main()
+    text = (out / "dlmi.md").read_text()
+    assert "## Against the real nanoGCG" in text
+    assert "| chat | dlmi | lit-inversion | 1/2 | 0.75 | 0.25 | 31 | 40 | 457 |" in text
+    assert "| chat | nanogcg (width 64, top-k 64) | nanogcg==0.3.0 | 0/2 | 0.50 | 0.50 | - | 53 | - |" in text

@@ -31,6 +31,7 @@ KIND_MODULES = (
     "throughput",
     "step_cost",
     "context_cache",
+    "anchor",
     "robustness",
     "capture",
     "precision",
