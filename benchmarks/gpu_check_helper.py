@@ -18,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: tests/tiny_tokenizer.py
+
 SIZES = {
     # d = 32, as tests/conftest.py's tiny_config("llama")
     "tiny": dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -29,15 +31,10 @@ SIZES = {
 
 
 def tokenizer(vocab_size: int):
-    """A word-level tokenizer over "w3" .. "w{V-1}" plus <unk> <s> </s>, as tests/conftest.py's _tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """The tests' word-level tokenizer (tests/tiny_tokenizer.py, free of test-only imports)."""
+    from tests.tiny_tokenizer import word_level_tokenizer
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return word_level_tokenizer(vocab_size)
 
 
 def build_model(directory: Path, size: str, device: str) -> str:

@@ -21,14 +21,9 @@ TINY_VOCAB = 96
 
 
 def _tokenizer(vocab_size: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tests.tiny_tokenizer import word_level_tokenizer
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return word_level_tokenizer(vocab_size)
 
 
 ARCHS = ("llama", "llama-untied", "gemma3", "mistral", "gpt2")
