@@ -59,6 +59,8 @@ class PromptScorer:
         self.before, self.after = list(self.context.before), list(self.context.after)
         self.base, self.head = model.base_model, model.get_output_embeddings()
         self.E = model.get_input_embeddings().weight
+        # The context's ids on the model's device, made once (every forward uses them).
+        self.before_ids, self.after_ids = self._ids(self.before), self._ids(self.after)
         self.share_prefix = share_prefix and DynamicCache is not None
         self.cache_context = cache_context and DynamicCache is not None
         self._before_layers: dict[object, Layers | None] = {}  # by autocast dtype
@@ -83,7 +85,7 @@ class PromptScorer:
     def input_ids(self, prompts: torch.Tensor) -> torch.Tensor:
         """[R, len(before) + N + len(after)]: what the model sees before the target, for prompts [R, N]."""
         R = prompts.shape[0]
-        return torch.cat([self._ids(self.before).expand(R, -1), prompts, self._ids(self.after).expand(R, -1)], 1)
+        return torch.cat([self.before_ids.expand(R, -1), prompts, self.after_ids.expand(R, -1)], 1)
 
     # ----- forwards ---------------------------------------------------------------------------
     def _before_cache(self) -> Layers | None:
@@ -94,7 +96,7 @@ class PromptScorer:
         key = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         if key not in self._before_layers:
             with torch.no_grad():
-                out = self.base(input_ids=self._ids(self.before)[None], use_cache=True)
+                out = self.base(input_ids=self.before_ids[None], use_cache=True)
             self._before_layers[key] = _layers(out.past_key_values)
         return self._before_layers[key]
 
@@ -102,23 +104,20 @@ class PromptScorer:
              past_length: int | None = None):
         """The backbone over embeddings x [R, L, d] after `past_length` cached positions of `past` (default:
         after the `before` ids, cached or run in front of x). Returns (hidden [R, L, d], cache or None)."""
-        with self.timed():
-            return self._run_untimed(x, use_cache, past, past_length)
-
-    def _run_untimed(self, x: torch.Tensor, use_cache: bool, past: Layers | None, past_length: int | None):
         R, L = x.shape[:2]
-        if past is None:
-            past = self._before_cache()
-            past_length = len(self.before)
-            if past is None and self.before:
-                x = torch.cat([self.E[self._ids(self.before)].expand(R, -1, -1).to(x.dtype), x], 1)
-        if past is not None and past_length:
-            cache = DynamicCache([(k[:, :, :past_length].expand(R, -1, -1, -1),
-                                   v[:, :, :past_length].expand(R, -1, -1, -1)) for k, v in past],
-                                 config=self.model.config)
-            out = self.base(inputs_embeds=x, past_key_values=cache, use_cache=True)
-        else:
-            out = self.base(inputs_embeds=x, use_cache=use_cache)
+        with self.timed():
+            if past is None:
+                past = self._before_cache()
+                past_length = len(self.before)
+                if past is None and self.before:
+                    x = torch.cat([self.E[self.before_ids].expand(R, -1, -1).to(x.dtype), x], 1)
+            if past is not None and past_length:
+                cache = DynamicCache([(k[:, :, :past_length].expand(R, -1, -1, -1),
+                                       v[:, :, :past_length].expand(R, -1, -1, -1)) for k, v in past],
+                                     config=self.model.config)
+                out = self.base(inputs_embeds=x, past_key_values=cache, use_cache=True)
+            else:
+                out = self.base(inputs_embeds=x, use_cache=use_cache)
         return out.last_hidden_state[:, -L:], (out.past_key_values if use_cache else None)
 
     def _logits(self, hidden: torch.Tensor, w: int) -> torch.Tensor:
@@ -128,7 +127,7 @@ class PromptScorer:
 
     def _tail(self, R: int, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Embeddings [R, len(after) + w - 1, d] of the after ids and the teacher-forced targets [R or 1, w]."""
-        after = self.E[self._ids(self.after)].expand(R, -1, -1)
+        after = self.E[self.after_ids].expand(R, -1, -1)
         return torch.cat([after, self.E[targets[:, :-1]].expand(R, -1, -1)], 1).to(dtype)
 
     def logits(self, prompt_emb: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -166,7 +165,7 @@ class PromptScorer:
     def free_running_logits(self, prompt_emb: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """GBDA-style logits [R, num_tokens, V]: the model's own soft predictions fed back, one position at a time."""
         R = prompt_emb.shape[0]
-        after = self.E[self._ids(self.after)].expand(R, -1, -1).to(prompt_emb.dtype)
+        after = self.E[self.after_ids].expand(R, -1, -1).to(prompt_emb.dtype)
         hidden, cache = self._run(torch.cat([prompt_emb, after], 1), use_cache=True)
         logits = [self._logits(hidden, 1)]
         E = self.E.to(prompt_emb.dtype)

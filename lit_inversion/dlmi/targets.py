@@ -142,6 +142,7 @@ def _reachable(loaded, count: int, prompt_length: int, length: int, seed: int, s
     natural = count // 2 if sources else 0
     dull = torch.tensor(encode(loaded.tokenizer, DULL_SPAN), device=device)
     targets, spans = [], set()
+    dull_replies: dict = {}  # by context: the dull span's reply depends on the instruction only
     for j in range(count):
         kind = "natural" if j < natural else "random"
         for _ in range(tries):
@@ -155,7 +156,9 @@ def _reachable(loaded, count: int, prompt_length: int, length: int, seed: int, s
             scorer = PromptScorer(loaded.model, context)
             output = scorer.greedy(torch.tensor([prompt], device=device), length)[0].tolist()
             copied = lcs_ratio(prompt, output)
-            dull_lcs = lcs_ratio(scorer.greedy(dull[None], length)[0].tolist(), output) if chat else 0.0
+            if chat and context not in dull_replies:
+                dull_replies[context] = scorer.greedy(dull[None], length)[0].tolist()
+            dull_lcs = lcs_ratio(dull_replies[context], output) if chat else 0.0
             if copied <= REACHABLE_MAX_COPY and dull_lcs <= DULL_MAX_LCS:
                 break
         else:
