@@ -197,7 +197,7 @@ def test_a_passed_config_is_run_as_given(chat, monkeypatch):
     import lit_inversion.dlmi.api as api
 
     seen = []
-    monkeypatch.setattr(api, "invert_outputs", lambda loaded, ids, config, contexts: seen.append(config) or [None])
+    monkeypatch.setattr(api, "invert_outputs", lambda loaded, ids, config, **kw: seen.append(config) or [None])
     config = DlmiConfig(prompt_length=7, num_steps=3, check_every=5, seed=11, refine_candidates=9, beam_positions=2)
     invert_output([5, 6], model=chat, method=config)
     assert seen[0] == config

@@ -32,6 +32,7 @@ KIND_MODULES = (
     "step_cost",
     "context_cache",
     "anchor",
+    "universal",
     "robustness",
     "capture",
     "precision",

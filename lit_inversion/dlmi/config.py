@@ -24,6 +24,8 @@ RELAXED_METHODS = ("gumbel", "adc")
 OBJECTIVES = ("hinge", "ce")
 ACCEPTS = ("best", "improve")
 SAMPLINGS = ("random", "greedy")
+GROUP_MODES = ("joint", "progressive")
+GROUP_LOSSES = ("sum", "mellowmax")
 
 
 class _Checks:
@@ -67,7 +69,8 @@ class OutputConfig:
     num_steps: int = 256
     """Optimisation steps per target."""
     max_seconds: float | None = None
-    """Wall-clock budget per target (null: steps only); a target stops at whichever comes first."""
+    """Wall-clock budget per target (null: steps only); a target stops at whichever comes first. A
+    group of G targets (one universal prompt) gets G times it."""
     check_every: int = 8
     """Steps between honest checks (greedy decoding from the discrete prompt); also at the last step."""
     prepend_bos: bool = True
@@ -92,6 +95,15 @@ class OutputConfig:
     cache_context: bool = True
     """Compute the keys/values of the context before the span once per target (false: recompute
     them in every forward, as nanoGCG does without its prefix cache; for benchmarks)."""
+    group_mode: str = "joint"
+    """Groups (targets sharing a "group" value, one prompt for all): joint (every member from the
+    start) or progressive (the next member joins once every member in is exact, as llm-attacks)."""
+    group_loss: str = "sum"
+    """How a group's member losses combine: sum, or mellowmax (a smooth maximum: the worst members count most)."""
+    mellowmax_omega: float = 1.0
+    """Mellowmax's sharpness (large: the worst member alone)."""
+    group_add_every: int = 0
+    """Progressive mode: also add the next member every this many steps (0: only once all in are exact)."""
 
     def validate(self) -> None:
         """Raise InversionError naming every option the run cannot use, with the fix."""
@@ -108,6 +120,10 @@ class OutputConfig:
         checks.one_of(self, "compute_dtype", ("auto",) + tuple(DTYPES))
         checks.one_of(self, "init", self.inits)
         checks.fraction(self, "max_prompt_target_lcs")
+        checks.one_of(self, "group_mode", GROUP_MODES)
+        checks.one_of(self, "group_loss", GROUP_LOSSES)
+        checks.need(self.mellowmax_omega > 0, f"mellowmax_omega must be positive (got {self.mellowmax_omega})")
+        checks.need(self.group_add_every >= 0, f"group_add_every must be 0 (off) or positive (got {self.group_add_every})")
 
     @property
     def copy_limit(self) -> float:

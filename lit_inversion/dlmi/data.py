@@ -21,7 +21,8 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from lit_inversion.dlmi.batch import validate_targets
-from lit_inversion.dlmi.context import OPTIM_STR, Context, render_context
+from lit_inversion.dlmi.config import DlmiConfig, GcgConfig, OutputConfig
+from lit_inversion.dlmi.context import OPTIM_STR, Context, bare_context, render_context
 from lit_inversion.errors import InversionError
 from lit_inversion.models import LoadedModel
 from lit_inversion.distributed import shard
@@ -37,6 +38,43 @@ class OutputTarget:
     id: str
     ids: list[int]
     context: Context | None = None  # the ids around the optimised span (None: bare, [BOS] + span)
+    group: str | None = None  # targets with one group share one prompt (a universal prompt)
+
+
+@dataclass
+class OutputGroup:
+    """A universal target: one prompt span for every member, each member in its own context."""
+
+    id: str
+    members: list[OutputTarget]
+
+    @property
+    def ids(self) -> list[int]:
+        """Every member's target ids, in member order (a restored state must match them)."""
+        return [i for m in self.members for i in m.ids]
+
+    @property
+    def context(self) -> dict:
+        return {"members": [[m.id, m.context.to_dict() if m.context is not None else None] for m in self.members]}
+
+
+def group_targets(targets: list[OutputTarget]) -> list[OutputTarget | OutputGroup]:
+    """Targets sharing a `group` value become one `OutputGroup` (at its first member's place)."""
+    units: list[OutputTarget | OutputGroup] = []
+    groups: dict[str, OutputGroup] = {}
+    plain = {t.id for t in targets if t.group is None}
+    for t in targets:
+        if t.group is None:
+            units.append(t)
+        elif t.group in groups:
+            groups[t.group].members.append(t)
+        else:
+            if t.group in plain:
+                raise InversionError(f"group {t.group!r} has the id of a target outside it: results are keyed by id, "
+                                     "rename the group or the target")
+            groups[t.group] = OutputGroup(t.group, [t])
+            units.append(groups[t.group])
+    return units
 
 
 @dataclass
@@ -68,17 +106,24 @@ def read_output_targets(path: str | Path, loaded: LoadedModel, default: ContextS
         context = default.render(loaded, prepend_bos, f"{OPTION} {path}")
         return [OutputTarget(i, ids, context)
                 for i, ids in read_sequences(path, loaded.tokenizer, loaded.vocab_size, option=OPTION)]
-    targets, unique = [], UniqueIds(path)
+    targets, unique, members = [], UniqueIds(path), {}
     for number, line in read_lines(path, OPTION):
         where = f"{path}:{number}"
         row = json_row(line, where)
         ids = row_ids(row, where, loaded.tokenizer, text_keys=("text", "target"))
         check_ids(ids, loaded.vocab_size, f"the target of {where}")
         target_id = row_id(row, where, f"{path.stem}-{number}")
+        group = row.get("group")
+        if group is not None:
+            group = str(group)
+            if target_id in members.setdefault(group, set()):
+                raise InversionError(f"{where}: group {group!r} repeats the member id {target_id!r}: "
+                                     "give each member a unique \"id\"")
+            members[group].add(target_id)
         unique.add(target_id, number)
         spec = ContextSpec(row.get("messages"), row.get("prefix"), row.get("suffix"))
         context = (default if spec.empty else spec).render(loaded, prepend_bos, where)
-        targets.append(OutputTarget(target_id, ids, context))
+        targets.append(OutputTarget(target_id, ids, context, group))
     return targets
 
 
@@ -97,6 +142,34 @@ def _read_csv(path: Path, loaded: LoadedModel, prepend_bos: bool) -> list[Output
         context = render_context(loaded.tokenizer, loaded.bos_id, messages, prepend_bos=prepend_bos, where=where)
         targets.append(OutputTarget(f"{path.stem}-{number}", ids, context))
     return targets
+
+
+def check_group_config(config: OutputConfig) -> None:
+    if not (isinstance(config, GcgConfig) or (isinstance(config, DlmiConfig) and config.relaxed_steps == 0)):
+        raise InversionError(f"groups (universal prompts) need a swap-search method: dlmi with refine_fraction 1 "
+                             f"(its default) or gcg (got {config.name}): set --model.method DlmiConfig")
+    if config.init == "repeat":
+        raise InversionError("groups start from random tokens: the copy seed (init repeat) repeats one target; "
+                             "set --model.init random")
+
+
+def validate_group(loaded, group: OutputGroup, config: OutputConfig) -> None:
+    """One-line errors naming the group: one member, repeated member ids, a member too long."""
+    if len(group.members) < 2:
+        raise InversionError(f"group {group.id!r} has {len(group.members)} member: a group needs at least 2 targets "
+                             "(drop its \"group\" field to invert it alone)")
+    ids = [m.id for m in group.members]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise InversionError(f"group {group.id!r} repeats the member id(s) {repeated}: give each member a unique \"id\"")
+    bare = bare_context(loaded.bos_id, config.prepend_bos)
+    for m in group.members:
+        check_ids(m.ids, loaded.vocab_size, f"the target of member {m.id!r} of group {group.id!r}")
+        total = len(m.context or bare) + config.prompt_length + len(m.ids)
+        if loaded.max_positions is not None and total > loaded.max_positions:
+            raise InversionError(f"group {group.id!r}, member {m.id!r}: context + prompt + target is {total} tokens, "
+                                 f"more than the model context of {loaded.max_positions}: use a shorter context, "
+                                 "prompt_length or target")
 
 
 def max_pool_steps(targets: int, slots: int, num_steps: int) -> int:
@@ -125,7 +198,8 @@ class OutputTargetsDataModule(L.LightningDataModule):
 
     Args:
         targets_file: target continuations: `.txt` (one per line), `.jsonl` (`text`/`target` or `ids`,
-            optional `id`, `messages` or `prefix`/`suffix`) or `.csv` (`goal,target` columns).
+            optional `id`, `messages` or `prefix`/`suffix`, and `group`: records sharing it get one
+            universal prompt) or `.csv` (`goal,target` columns).
         difficulty_k: the paper's difficulty-k protocol instead (or as well), e.g. [1, 6, 11].
         per_k: targets per k.
         target_length: tokens per difficulty-k target.
@@ -162,7 +236,7 @@ class OutputTargetsDataModule(L.LightningDataModule):
         self.targets: list[OutputTarget] = []  # this rank's shard, still to do
         self.step_bound = 0  # pool steps the largest shard needs at most (the progress bar's total)
 
-    def build_targets(self, loaded: LoadedModel, prepend_bos: bool = True) -> list[OutputTarget]:
+    def build_targets(self, loaded: LoadedModel, prepend_bos: bool = True) -> list[OutputTarget | OutputGroup]:
         h = self.hparams
         targets: list[OutputTarget] = []
         if h.targets_file is not None:
@@ -173,14 +247,20 @@ class OutputTargetsDataModule(L.LightningDataModule):
 
             made = make_difficulty_targets(loaded, ks=h.difficulty_k, per_k=h.per_k, length=h.target_length, seed=h.difficulty_seed)
             targets += [OutputTarget(str(t["id"]), list(t["ids"])) for t in made]
-        return apply_limit(targets, h.limit, loud=self.trainer is None or self.trainer.is_global_zero)
+        # A group (records sharing "group") is one unit: it counts once towards the limit.
+        return apply_limit(group_targets(targets), h.limit, loud=self.trainer is None or self.trainer.is_global_zero)
 
     def setup(self, stage: str) -> None:
         module = self.trainer.lightning_module
         loaded = module.load()
         targets = self.build_targets(loaded, module.config.prepend_bos)
-        validate_targets(loaded, [t.ids for t in targets], module.config, [t.context for t in targets],
-                         [t.id for t in targets])
+        singles = [t for t in targets if isinstance(t, OutputTarget)]
+        if singles:
+            validate_targets(loaded, [t.ids for t in singles], module.config, [t.context for t in singles],
+                             [t.id for t in singles])
+        for group in (t for t in targets if isinstance(t, OutputGroup)):
+            check_group_config(module.config)
+            validate_group(loaded, group, module.config)
         done = module.finished_ids()
         todo = [t for t in targets if t.id not in done]
         module.announce_targets(len(targets), len(todo))

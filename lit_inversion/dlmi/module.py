@@ -27,6 +27,7 @@ from lit_inversion.dlmi.batch import DlmiResult
 from lit_inversion.dlmi.config import CONFIGS, DlmiConfig, OutputConfig, method_config
 from lit_inversion.console import say
 from lit_inversion.dlmi.pool import PoolStep, TargetPool
+from lit_inversion.dlmi.universal import GroupResult, group_record
 from lit_inversion.distributed import merge_across_ranks
 from lit_inversion.errors import InversionError
 from lit_inversion.job import InversionJob
@@ -145,6 +146,10 @@ class DlmiModule(InversionJob):
             results = [r for _, r in step.checked]
             scalars["dlmi/honest_lcs"] = sum(r.lcs_ratio for r in results) / len(results)
             scalars["dlmi/exact_match_rate"] = sum(r.exact_match for r in results) / len(results)
+        for name, result in step.checked:  # a curve per group
+            if isinstance(result, GroupResult):
+                scalars[f"groups/{name}/pair_lcs"] = result.lcs_ratio
+                scalars[f"groups/{name}/exact_pairs"] = sum(p.exact_match for p in result.pairs)
         log_scalars(self, scalars, self.optimisation_steps)
         for name, result in step.finished:
             self._write_finished(name, result)
@@ -156,23 +161,32 @@ class DlmiModule(InversionJob):
             shown["lcs"] = sum(checked) / len(checked)
         self.log_dict(shown, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
 
-    def _write_finished(self, name: str, result: DlmiResult) -> None:
-        """Append a target's record as soon as it stops (matched, or out of steps)."""
+    def _write_finished(self, name: str, result: DlmiResult | GroupResult) -> None:
+        """Append a target's (or group's) record as soon as it stops (matched, or out of steps)."""
         if name in self.writer.done_ids:
             return
-        self.writer.write(dlmi_record(name, result))
-        self.exact_match.update([result.output_ids], [result.target_ids])
-        self.lcs.update([result.output_ids], [result.target_ids])
+        grouped = isinstance(result, GroupResult)
+        self.writer.write(group_record(name, result) if grouped else dlmi_record(name, result))
+        pairs = [(f"{name}/{p.id}", p) for p in result.pairs] if grouped else [(name, result)]
+        for row_name, r in pairs:  # the metrics and the table count a group's pairs
+            self.exact_match.update([r.output_ids], [r.target_ids])
+            self.lcs.update([r.output_ids], [r.target_ids])
+            self._finished_rows.append([row_name, decode(self.load().tokenizer, r.target_ids), result.prompt_text,
+                                        r.output_text, f"{r.lcs_ratio:.2f}", "yes" if r.exact_match else "no"])
         self.targets_done += 1
-        self._finished_rows.append([name, decode(self.load().tokenizer, result.target_ids), result.prompt_text,
-                                    result.output_text, f"{result.lcs_ratio:.2f}",
-                                    "yes" if result.exact_match else "no"])
         log_scalars(self, {"dlmi/finished_honest_lcs": self.lcs.local_mean(),
                            "dlmi/finished_exact_match_rate": self.exact_match.local_mean()}, self.targets_done)
         # One table of every target finished so far.
         log_text(self, "dlmi/finished_targets", markdown_table(
             ["target id", "target", "prompt", "output", "honest LCS", "exact"], self._finished_rows),
             self.optimisation_steps)
+        if grouped:
+            solved = sum(p.exact_match for p in result.pairs)
+            outputs = " | ".join(repr(p.output_text) for p in result.pairs)
+            say(f"[{name}] {'SOLVED' if result.exact_match else 'partial'} pairs={solved}/{len(result.pairs)} "
+                f"lcs={result.lcs_ratio:.2f} steps={result.steps} {result.seconds:.1f}s "
+                f"prompt={result.prompt_text!r} -> {outputs}")
+            return
         say(f"[{name}] {'EXACT' if result.exact_match else 'partial'} lcs={result.lcs_ratio:.2f} "
             f"soft_lcs={result.soft_lcs_ratio:.2f} steps={result.steps} {result.seconds:.1f}s "
             f"prompt={result.prompt_text!r} -> {result.output_text!r}")
@@ -184,11 +198,22 @@ class DlmiModule(InversionJob):
         label = self.config.label
         if not records:
             return f"{label}: no targets"
-        exact = sum(bool(r["exact_match"]) for r in records)
-        lcs = sum(r["lcs_ratio"] for r in records) / len(records)
-        soft = sum(r["soft_lcs_ratio"] for r in records) / len(records)
-        return (f"{label}: {len(records)} targets, exact match {exact}/{len(records)}, honest LCS {lcs:.2f} "
-                f"(paper-style soft LCS {soft:.2f})")
+        groups = [r for r in records if r.get("pairs")]
+        singles = [r for r in records if not r.get("pairs")]
+        parts = []
+        if singles:
+            exact = sum(bool(r["exact_match"]) for r in singles)
+            lcs = sum(r["lcs_ratio"] for r in singles) / len(singles)
+            soft = sum(r["soft_lcs_ratio"] for r in singles) / len(singles)
+            parts.append(f"{len(singles)} targets, exact match {exact}/{len(singles)}, honest LCS {lcs:.2f} "
+                         f"(paper-style soft LCS {soft:.2f})")
+        if groups:
+            pairs = [p for r in groups for p in r["pairs"]]
+            solved = sum(bool(r["exact_match"]) for r in groups)
+            parts.append(f"{len(groups)} groups, solved {solved}/{len(groups)}, pairs exact "
+                         f"{sum(bool(p['exact_match']) for p in pairs)}/{len(pairs)}, mean per-pair honest LCS "
+                         f"{sum(p['lcs_ratio'] for p in pairs) / len(pairs):.2f}")
+        return f"{label}: " + "; ".join(parts)
 
     def run_settings(self) -> dict:
         c = self.config

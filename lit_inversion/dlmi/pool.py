@@ -26,9 +26,10 @@ from lit_inversion.dlmi.algorithm import DlmiBatch
 from lit_inversion.dlmi.batch import DlmiResult, TargetBatch, check_batches, validate_targets
 from lit_inversion.dlmi.config import DlmiConfig, GcgConfig, OutputConfig, ReinforceConfig
 from lit_inversion.dlmi.context import Context
-from lit_inversion.dlmi.data import OutputTarget
+from lit_inversion.dlmi.data import OutputGroup, OutputTarget
 from lit_inversion.dlmi.gcg import GcgBatch
 from lit_inversion.dlmi.reinforce import ReinforceBatch
+from lit_inversion.dlmi.universal import GroupBatch, GroupResult
 from lit_inversion.errors import InversionError
 
 BATCHES: dict[type[OutputConfig], type[TargetBatch]] = {
@@ -46,8 +47,8 @@ def make_batch(loaded, targets: Sequence[Sequence[int]], config: OutputConfig,
 
 @dataclass
 class Slot:
-    target: OutputTarget
-    batch: TargetBatch
+    target: OutputTarget | OutputGroup
+    batch: TargetBatch | GroupBatch
 
     @property
     def steps(self) -> int:
@@ -64,17 +65,19 @@ class PoolStep:
     loss: list[float] = field(default_factory=list)
     tau: list[float] = field(default_factory=list)
     soft_lcs: list[float] = field(default_factory=list)
-    checked: list[tuple[str, DlmiResult]] = field(default_factory=list)
-    finished: list[tuple[str, DlmiResult]] = field(default_factory=list)
+    checked: list[tuple[str, DlmiResult | GroupResult]] = field(default_factory=list)
+    finished: list[tuple[str, DlmiResult | GroupResult]] = field(default_factory=list)
     forwards: int = 0  # prompts scored by a forward this step, over every slot
     gradients: int = 0  # gradient passes this step, over every slot
 
 
 class TargetPool:
-    """`slots` target slots fed from a FIFO queue; one `step()` is one optimisation step of each."""
+    """`slots` target slots fed from a FIFO queue; one `step()` is one optimisation step of each. A slot
+    holds a target, or a group (one universal prompt for its members; `process_group`: the ranks that
+    split each group's members)."""
 
-    def __init__(self, loaded, config: OutputConfig, slots: int):
-        self.loaded, self.config = loaded, config
+    def __init__(self, loaded, config: OutputConfig, slots: int, process_group=None):
+        self.loaded, self.config, self.process_group = loaded, config, process_group
         self.slots: list[Slot | None] = [None] * slots
         self.queue: deque[OutputTarget] = deque()
         self.saved: dict[str, dict] = {}  # in-flight states from a checkpoint, by target id
@@ -89,7 +92,7 @@ class TargetPool:
     def empty(self) -> bool:
         return not self.queue and not self.running
 
-    def enqueue(self, targets: Iterable[OutputTarget], skip: set[str] = frozenset()) -> None:
+    def enqueue(self, targets: Iterable[OutputTarget | OutputGroup], skip: set[str] = frozenset()) -> None:
         """Queue targets not in `skip` and not queued before; those with a restored state go first."""
         new = [t for t in targets if t.id not in skip and t.id not in self._known]
         self._known.update(t.id for t in new)
@@ -104,7 +107,10 @@ class TargetPool:
         for i, slot in enumerate(self.slots):
             if slot is None and self.queue:
                 target = self.queue.popleft()
-                batch = make_batch(self.loaded, [target.ids], self.config, keys=[target.id], context=target.context)
+                if isinstance(target, OutputGroup):
+                    batch = GroupBatch(self.loaded, target, self.config, self.process_group)
+                else:
+                    batch = make_batch(self.loaded, [target.ids], self.config, keys=[target.id], context=target.context)
                 saved = self.saved.pop(target.id, None)
                 # A changed target or context restarts.
                 if saved is not None and saved["ids"] == list(target.ids) and saved.get("input") == _input(target):
@@ -136,7 +142,10 @@ class TargetPool:
             out.soft_lcs.append(soft_lcs)
             if slot.batch.check_due:
                 due.append(slot)
-        check_batches([s.batch for s in due])
+        check_batches([s.batch for s in due if isinstance(s.batch, TargetBatch)])
+        for slot in due:
+            if isinstance(slot.batch, GroupBatch):
+                slot.batch.check()
         out.checked = [(s.target.id, s.batch.result(0)) for s in due]
         for i, slot in enumerate(self.slots):
             if slot is not None and slot.batch.finished:  # matched, or out of steps (or seconds)
@@ -161,16 +170,20 @@ class TargetPool:
             self.enqueue(queued)
 
 
-def _input(target: OutputTarget) -> dict | None:
-    """The context a saved state was made in (None: bare)."""
+def _input(target: OutputTarget | OutputGroup) -> dict | None:
+    """The context a saved state was made in (None: bare; a group: its members' ids and contexts)."""
+    if isinstance(target, OutputGroup):
+        return target.context
     return target.context.to_dict() if target.context is not None else None
 
 
-def run_pool(loaded, targets: Iterable[OutputTarget], config: OutputConfig, slots: int,
-             on_step: Callable[[PoolStep], None] | None = None) -> list[tuple[str, DlmiResult]]:
-    """The DLMI job's step loop without Lightning: step a pool until every target has left it;
-    (id, result) in the order the targets finished. `on_step` sees each step's `PoolStep`."""
-    pool = TargetPool(loaded, config, slots)
+def run_pool(loaded, targets: Iterable[OutputTarget | OutputGroup], config: OutputConfig, slots: int,
+             on_step: Callable[[PoolStep], None] | None = None,
+             process_group=None) -> list[tuple[str, DlmiResult | GroupResult]]:
+    """The DLMI job's step loop without Lightning: step a pool until every target (or group) has left it;
+    (id, result) in the order they finished. `on_step` sees each step's `PoolStep`; `process_group`: the
+    ranks that split each group's members (every rank runs the same groups)."""
+    pool = TargetPool(loaded, config, slots, process_group)
     pool.enqueue(targets)
     finished: list[tuple[str, DlmiResult]] = []
     while not pool.empty:

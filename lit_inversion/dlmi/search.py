@@ -171,6 +171,7 @@ class SwapSearch(nn.Module):
         self.random_prompt = random_prompt
         N, V, device = prompt.shape[0], allowed.shape[0], prompt.device
         self.register_buffer("target", target.clone(), persistent=False)
+        self._copy_targets = [target.tolist()]
         self.register_buffer("allowed", allowed, persistent=False)
         self.register_buffer("seeds", seeds if seeds is not None else torch.zeros(0, N, dtype=torch.long, device=device),
                              persistent=False)
@@ -225,10 +226,53 @@ class SwapSearch(nn.Module):
     def step(self, checked: torch.Tensor | None = None, n_replace: int | None = None) -> SwapStep:
         """One search step. `checked`: the last prompt the owner decoded greedily (no new exact flag for it);
         `n_replace`: positions changed per candidate this step (default: the options')."""
+        o = self.options
+        prompt = self.prompt.clone()
+        now, gradient, cache = self._gradient(prompt)
+        self._note(prompt, int(now.lead[0]), float(now.key[0]))
+        self._remember(prompt[None])
+        full = self.total_length
+        if int(now.lead[0]) == full and (checked is None or not torch.equal(checked, prompt)):
+            return SwapStep(float(now.key[0]), full, now.pred[0], True)  # confirm before moving away
+        grad = self._with_momentum(gradient())
+        candidates = self._propose(lambda positions: self._gain(grad, positions), prompt, n_replace)
+        if len(candidates) == 0:
+            return self._stall(now)
+        keys, leads, preds = self._score(candidates, prompt, cache)
+        if o.merge > 1:
+            candidates, keys, leads, preds = self._merged(candidates, keys, leads, preds, prompt, cache)
+        self._keep(candidates, keys)
+        i = int(keys.argmin())
+        if o.accept == "improve" and float(keys[i]) >= float(now.key[0]):
+            return self._stall(now)
+        self.prompt.copy_(candidates[i])
+        self.tried.zero_()  # a new prompt has a new neighbourhood
+        self.stalled.zero_()
+        self._note(candidates[i], int(leads[i]), float(keys[i]))
+        return SwapStep(float(keys[i]), int(leads[i]), preds[i], int(leads[i]) == full)
+
+    # ----- what is optimised: one target here, a group's members in `universal.GroupSearch` -----
+    @property
+    def total_length(self) -> int:
+        """The lead of an exact prompt."""
+        return self.target.shape[0]
+
+    @property
+    def copy_targets(self) -> list[list[int]]:
+        """The targets a prompt must not copy."""
+        return self._copy_targets
+
+    @property
+    def cost(self) -> int:
+        """Forwards per scored prompt (one per target scored)."""
+        return 1
+
+    def _gradient(self, prompt: torch.Tensor) -> tuple[Scored, Callable[[], torch.Tensor], object]:
+        """(score of `prompt` [1], a function giving the ranking loss's gradient [N, d] at its embeddings,
+        the cache the candidates share). Sets the scored window `self.window` (widened while all right)."""
         o, target = self.options, self.target
         n = target.shape[0]
         w = n if (o.window == 0 or o.rank != "lead") else min(n, int(self.lead) + o.window)
-        prompt = self.prompt.clone()
         while True:
             logits, emb, cache = self.scorer.with_gradient(prompt, target[:w])
             self.gradients += 1
@@ -236,28 +280,18 @@ class SwapSearch(nn.Module):
             if not (w < n and int(now.lead[0]) == w):
                 break
             w = min(n, w + o.window)  # the window is all right: widen it before searching
-        self._note(prompt, int(now.lead[0]), float(now.key[0]))
-        self._remember(prompt[None])
-        if int(now.lead[0]) == n and (checked is None or not torch.equal(checked, prompt)):
-            return SwapStep(float(now.key[0]), n, now.pred[0], True)  # confirm before moving away
-        with self.scorer.timed():
-            (grad,) = torch.autograd.grad(loss.sum(), emb)
-        grad = self._with_momentum(grad[0])
-        candidates = self._propose(lambda positions: self._gain(grad, positions), prompt, target, n_replace)
-        if len(candidates) == 0:
-            return self._stall(now, n)
-        keys, leads, preds = self._score(candidates, prompt, target[:w], cache)
-        if o.merge > 1:
-            candidates, keys, leads, preds = self._merged(candidates, keys, leads, preds, prompt, target[:w], cache)
-        self._keep(candidates, keys)
-        i = int(keys.argmin())
-        if o.accept == "improve" and float(keys[i]) >= float(now.key[0]):
-            return self._stall(now, n)
-        self.prompt.copy_(candidates[i])
-        self.tried.zero_()  # a new prompt has a new neighbourhood
-        self.stalled.zero_()
-        self._note(candidates[i], int(leads[i]), float(keys[i]))
-        return SwapStep(float(keys[i]), int(leads[i]), preds[i], int(leads[i]) == n and w == n)
+        self.window = w
+
+        def gradient() -> torch.Tensor:
+            with self.scorer.timed():
+                return torch.autograd.grad(loss.sum(), emb)[0][0]
+
+        return now, gradient, cache
+
+    def _score_rows(self, prompts: torch.Tensor, first: int, cache) -> Scored:
+        """Rank keys of prompts [R, N] that agree with the cached prompt before `first`."""
+        target = self.target[: self.window]
+        return self.rank(self.scorer.prompts(prompts, first, target, cache), target)[0]
 
     def get_extra_state(self) -> dict:
         return {"lines": {key: sorted(tokens) for key, tokens in self.lines.items()}}
@@ -319,7 +353,7 @@ class SwapSearch(nn.Module):
         self.kept_keys[: len(chosen)] = all_keys[index]
 
     def _merged(self, candidates: torch.Tensor, keys: torch.Tensor, leads: torch.Tensor, preds: torch.Tensor,
-                prompt: torch.Tensor, target: torch.Tensor, cache):
+                prompt: torch.Tensor, cache):
         """I-GCG's multi-coordinate update: the best single swaps at distinct positions applied together
         (the best two, three, .. `merge`), scored and appended to the step's candidates."""
         changed = candidates != prompt
@@ -341,12 +375,12 @@ class SwapSearch(nn.Module):
         merged = merged[1:]  # the first is a single swap, already scored
         if not merged:
             return candidates, keys, leads, preds
-        merged = self._filter(torch.stack(merged), prompt, target)
+        merged = self._filter(torch.stack(merged), prompt)
         if self.options.dedupe and len(merged):
             merged = merged[~self._seen(merged)]
         if not len(merged):
             return candidates, keys, leads, preds
-        k, l, p = self._score(merged, prompt, target, cache, together=True)
+        k, l, p = self._score(merged, prompt, cache, together=True)
         return (torch.cat([candidates, merged]), torch.cat([keys, k]), torch.cat([leads, l]), torch.cat([preds, p]))
 
     def _gain(self, grad: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -361,7 +395,7 @@ class SwapSearch(nn.Module):
         return gain
 
     def _propose(self, gain: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Tensor,
-                 target: torch.Tensor, n_replace: int | None = None) -> torch.Tensor:
+                 n_replace: int | None = None) -> torch.Tensor:
         """[C, N] filtered candidate prompts; `gain(positions)` gives the swaps' gains [P, V] there;
         `n_replace` positions change per candidate (default: the options')."""
         o, g = self.options, self.generator
@@ -413,17 +447,20 @@ class SwapSearch(nn.Module):
             if o.dedupe:
                 candidates = candidates.unique(dim=0)
                 candidates = candidates[~self._seen(candidates)]
-        return self._filter(candidates, prompt, target)
+        return self._filter(candidates, prompt)
 
-    def _filter(self, candidates: torch.Tensor, prompt: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _copies(self, prompt: list[int]) -> bool:
+        """Whether `prompt` shares more of a target than the copy limit allows."""
+        return any(lcs_length(prompt, t) > self.options.copy_limit * len(t) + 1e-9 for t in self.copy_targets)
+
+    def _filter(self, candidates: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         o = self.options
         keep = [True] * len(candidates)  # decided on the host: one transfer of the candidates, one back
         if o.copy_limit < 1.0:
-            target_list = target.tolist()
-            target_set, current = set(target_list), set(prompt.tolist())
+            target_set, current = {t for target in self.copy_targets for t in target}, set(prompt.tolist())
             for i, cand in enumerate(candidates.tolist()):
-                if (set(cand) - current) & target_set:  # a token outside the target cannot lengthen the LCS
-                    keep[i] = lcs_length(cand, target_list) <= o.copy_limit * len(target_list) + 1e-9
+                if (set(cand) - current) & target_set:  # a token outside the targets cannot lengthen an LCS
+                    keep[i] = not self._copies(cand)
         keep = torch.tensor(keep, dtype=torch.bool, device=candidates.device)
         if o.retokenize and self.tokenizer is not None:
             from lit_inversion.dlmi.vocab import retokenization_mask
@@ -431,12 +468,12 @@ class SwapSearch(nn.Module):
             keep &= retokenization_mask(self.tokenizer, candidates)
         return candidates[keep]
 
-    def _score(self, candidates: torch.Tensor, prompt: torch.Tensor, target: torch.Tensor,
-               cache, together: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _score(self, candidates: torch.Tensor, prompt: torch.Tensor, cache,
+               together: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keys [C], leads [C], teacher-forced argmax [C, w]), scored in groups sharing the prompt
         before their first changed position (one cached prefix per group); `together`: one group from
         the earliest such position (a few candidates: one forward costs less than several)."""
-        self.forwards += len(candidates)
+        self.forwards += len(candidates) * self.cost
         self._remember(candidates)
         first = (candidates != prompt).long().argmax(1)
         if together:
@@ -444,23 +481,25 @@ class SwapSearch(nn.Module):
         device = candidates.device
         keys = torch.empty(len(candidates), dtype=torch.float64, device=device)
         leads = torch.empty(len(candidates), dtype=torch.long, device=device)
-        preds = torch.empty(len(candidates), target.shape[0], dtype=torch.long, device=device)
+        preds = None  # [C, w]: w is the scored window's width
         for p in first.unique().tolist():
             rows = torch.nonzero(first == p).flatten()
 
             def run(s: int, e: int, rows=rows, p=p):
-                scored, _ = self.rank(self.scorer.prompts(candidates[rows[s:e]], p, target, cache), target)
-                return scored
+                return self._score_rows(candidates[rows[s:e]], p, cache)
 
             parts, used = map_with_backoff(run, len(rows), self.chunk or len(rows))
             if self.chunk is not None and used < self.chunk:
                 self.chunk = used  # later steps start at the size that fitted
             keys[rows] = torch.cat([s.key for s in parts])
             leads[rows] = torch.cat([s.lead for s in parts])
-            preds[rows] = torch.cat([s.pred for s in parts])
+            pred = torch.cat([s.pred for s in parts])
+            if preds is None:
+                preds = torch.empty(len(candidates), pred.shape[1], dtype=torch.long, device=device)
+            preds[rows] = pred
         return keys, leads, preds
 
-    def _stall(self, now: Scored, n: int) -> SwapStep:
+    def _stall(self, now: Scored) -> SwapStep:
         """No move this step; after `patience` such steps, restart."""
         self.stalled += 1
         if self.options.patience and int(self.stalled) >= self.options.patience:
@@ -487,7 +526,6 @@ class SwapSearch(nn.Module):
             positions = torch.randperm(len(changed), generator=self.generator,
                                        device=self.generator.device)[: self.options.restart_swaps]
             changed[positions] = fresh[positions]
-            target = self.target.tolist()
-            if lcs_length(changed.tolist(), target) > self.options.copy_limit * len(target):
+            if self._copies(changed.tolist()):
                 changed = self.best.clone()
         self.reset(changed)

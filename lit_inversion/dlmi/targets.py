@@ -129,37 +129,74 @@ def make_reachable_chat_targets(loaded, count: int, prompt_length: int = 20, len
                       instructions=instructions)
 
 
+class _Replies:
+    """Greedy replies of spans in a context, and the checks a reachable target passes: the reply does not
+    copy the span (LCS / M <= REACHABLE_MAX_COPY) and, in a chat, the dull span does not already give it."""
+
+    def __init__(self, loaded, length: int, prepend_bos: bool):
+        from lit_inversion.tokens import encode
+
+        self.loaded, self.length, self.prepend_bos = loaded, length, prepend_bos
+        self.device = loaded.model.get_input_embeddings().weight.device
+        self.dull = torch.tensor(encode(loaded.tokenizer, DULL_SPAN), device=self.device)
+        self.dull_replies: dict = {}  # by context: the dull span's reply depends on the instruction only
+
+    def context(self, instruction: str | None):
+        from lit_inversion.dlmi.context import OPTIM_STR, bare_context, render_context
+
+        if instruction is None:
+            return None, bare_context(self.loaded.bos_id, self.prepend_bos)
+        messages = [{"role": "user", "content": f"{instruction} {OPTIM_STR}"}]
+        return messages, render_context(self.loaded.tokenizer, self.loaded.bos_id, messages, prepend_bos=self.prepend_bos)
+
+    def reply(self, context, prompt: list[int], chat: bool) -> tuple[list[int], float, float, bool]:
+        """(reply, LCS(span, reply) / M, LCS(dull reply, reply) / M, whether it passes)."""
+        from lit_inversion.dlmi.scorer import PromptScorer
+        from lit_inversion.metrics import lcs_ratio
+
+        scorer = PromptScorer(self.loaded.model, context)
+        output = scorer.greedy(torch.tensor([prompt], device=self.device), self.length)[0].tolist()
+        copied = lcs_ratio(prompt, output)
+        if chat and context not in self.dull_replies:
+            self.dull_replies[context] = scorer.greedy(self.dull[None], self.length)[0].tolist()
+        dull_lcs = lcs_ratio(self.dull_replies[context], output) if chat else 0.0
+        return output, copied, dull_lcs, copied <= REACHABLE_MAX_COPY and dull_lcs <= DULL_MAX_LCS
+
+
+def _span(loaded, kind: str, sources: Sequence[str], prompt_length: int, rng: random.Random, used: set) -> list[int] | None:
+    prompt = (_natural_prompt(loaded, sources, prompt_length, rng) if kind == "natural"
+              else _random_prompt(loaded, prompt_length, rng))
+    return None if prompt is None or tuple(prompt) in used else prompt
+
+
+def _record(loaded, record: dict, messages, output: list[int], prompt: list[int], copied: float, dull_lcs: float,
+            chat: bool) -> dict:
+    if chat:
+        record["messages"] = messages
+    record.update({"ids": output, "text": decode(loaded.tokenizer, output), "prompt_ids": prompt,
+                   "prompt_text": decode(loaded.tokenizer, prompt), "prompt_target_lcs": round(copied, 4)})
+    if chat:
+        record["dull_lcs"] = round(dull_lcs, 4)
+    return record
+
+
 def _reachable(loaded, count: int, prompt_length: int, length: int, seed: int, sources: Sequence[str],
                prepend_bos: bool, tries: int, chat: bool, instructions: Sequence[str] = ()) -> list[dict]:
-    from lit_inversion.dlmi.context import OPTIM_STR, bare_context, render_context
-    from lit_inversion.dlmi.scorer import PromptScorer
     from lit_inversion.errors import InversionError
-    from lit_inversion.metrics import lcs_ratio
-    from lit_inversion.tokens import encode
 
     rng = random.Random(seed)
-    device = loaded.model.get_input_embeddings().weight.device
+    replies = _Replies(loaded, length, prepend_bos)
     natural = count // 2 if sources else 0
-    dull = torch.tensor(encode(loaded.tokenizer, DULL_SPAN), device=device)
     targets, spans = [], set()
-    dull_replies: dict = {}  # by context: the dull span's reply depends on the instruction only
     for j in range(count):
         kind = "natural" if j < natural else "random"
         for _ in range(tries):
-            messages = [{"role": "user", "content": f"{rng.choice(instructions)} {OPTIM_STR}"}] if chat else None
-            context = (render_context(loaded.tokenizer, loaded.bos_id, messages, prepend_bos=prepend_bos)
-                       if chat else bare_context(loaded.bos_id, prepend_bos))
-            prompt = (_natural_prompt(loaded, sources, prompt_length, rng) if kind == "natural"
-                      else _random_prompt(loaded, prompt_length, rng))
-            if prompt is None or tuple(prompt) in spans:
+            messages, context = replies.context(rng.choice(instructions) if chat else None)
+            prompt = _span(loaded, kind, sources, prompt_length, rng, spans)
+            if prompt is None:
                 continue
-            scorer = PromptScorer(loaded.model, context)
-            output = scorer.greedy(torch.tensor([prompt], device=device), length)[0].tolist()
-            copied = lcs_ratio(prompt, output)
-            if chat and context not in dull_replies:
-                dull_replies[context] = scorer.greedy(dull[None], length)[0].tolist()
-            dull_lcs = lcs_ratio(dull_replies[context], output) if chat else 0.0
-            if copied <= REACHABLE_MAX_COPY and dull_lcs <= DULL_MAX_LCS:
+            output, copied, dull_lcs, ok = replies.reply(context, prompt, chat)
+            if ok:
                 break
         else:
             raise InversionError(f"no {kind} span in {tries} tries had a reply with LCS(span, target) <= "
@@ -167,20 +204,54 @@ def _reachable(loaded, count: int, prompt_length: int, length: int, seed: int, s
                                  "try another --seed or a longer --length")
         spans.add(tuple(prompt))
         record = {"id": f"reach-{'chat-' if chat else ''}{kind}-{seed}-{j}", "kind": kind}
-        if chat:
-            record["messages"] = messages
-        record.update({"ids": output, "text": decode(loaded.tokenizer, output), "prompt_ids": prompt,
-                       "prompt_text": decode(loaded.tokenizer, prompt), "prompt_target_lcs": round(copied, 4)})
-        if chat:
-            record["dull_lcs"] = round(dull_lcs, 4)
-        targets.append(record)
+        targets.append(_record(loaded, record, messages, output, prompt, copied, dull_lcs, chat))
     return targets
+
+
+def make_reachable_groups(loaded, groups: int, size: int, prompt_length: int = 20, length: int = 20, seed: int = 0,
+                          sources: Sequence[str] = (), prepend_bos: bool = True, tries: int = 50,
+                          instructions: Sequence[str] = CHAT_INSTRUCTIONS) -> list[dict]:
+    """`groups` groups of `size` chat targets that one known span solves: the span after `size` different
+    instructions, each member's target its greedy reply (non-copying, not the dull span's, all replies
+    distinct); half the groups' spans natural text, half random tokens; no span in two groups."""
+    from lit_inversion.errors import InversionError
+
+    if size < 2 or size > len(instructions):
+        raise InversionError(f"--group must be between 2 and {len(instructions)} (the instructions) (got {size})")
+    rng = random.Random(seed)
+    replies = _Replies(loaded, length, prepend_bos)
+    natural = groups // 2 if sources else 0
+    records, spans = [], set()
+    for j in range(groups):
+        kind = "natural" if j < natural else "random"
+        for _ in range(tries):
+            prompt = _span(loaded, kind, sources, prompt_length, rng, spans)
+            if prompt is None:
+                continue
+            members = []
+            for instruction in rng.sample(list(instructions), size):
+                messages, context = replies.context(instruction)
+                output, copied, dull_lcs, ok = replies.reply(context, prompt, chat=True)
+                if not ok or any(output == m[1] for m in members):
+                    break
+                members.append((messages, output, copied, dull_lcs))
+            if len(members) == size:
+                break
+        else:
+            raise InversionError(f"no {kind} span in {tries} tries gave {size} distinct, non-copying replies: "
+                                 "try another --seed, a smaller --group or a longer --length")
+        spans.add(tuple(prompt))
+        name = f"group-{kind}-{seed}-{j}"
+        for i, (messages, output, copied, dull_lcs) in enumerate(members):
+            record = {"id": f"{name}-{i}", "group": name, "kind": kind}
+            records.append(_record(loaded, record, messages, output, prompt, copied, dull_lcs, chat=True))
+    return records
 
 
 def write_jsonl(targets: Sequence[dict], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    keys = ("id", "k", "kind", "messages", "ids", "text", "prompt_ids", "prompt_text", "prompt_target_lcs", "dull_lcs")
+    keys = ("id", "group", "k", "kind", "messages", "ids", "text", "prompt_ids", "prompt_text", "prompt_target_lcs", "dull_lcs")
     with open(path, "w", encoding="utf-8") as f:
         for t in targets:
             f.write(json.dumps({key: t[key] for key in keys if key in t}, ensure_ascii=False) + "\n")
@@ -205,7 +276,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     reach.add_argument("--reachable", action="store_true")
     reach.add_argument("--chat", action="store_true",
                        help="an instruction and the span in the user turn; the target is the assistant's reply")
-    reach.add_argument("--count", type=int, default=8, help="targets (half natural, half random prompts)")
+    reach.add_argument("--count", type=int, default=8, help="targets, or groups with --group (half natural, half random spans)")
+    reach.add_argument("--group", type=int, default=None, metavar="G",
+                       help="with --chat: groups of G targets that one span solves under G different instructions")
     reach.add_argument("--prompt-length", type=int, default=20, help="N, the known prompt's length")
     reach.add_argument("--source", default=str(Path(__file__).resolve().parents[2] / "data" / "seed_sentences.txt"),
                        help="text lines the natural prompts are cut from")
@@ -213,8 +286,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     loaded = load_model(args.model)
     if args.reachable:
         sources = [line.strip() for line in Path(args.source).read_text(encoding="utf-8").splitlines() if line.strip()]
-        make = make_reachable_chat_targets if args.chat else make_reachable_targets
-        targets = make(loaded, args.count, args.prompt_length, args.length, args.seed, sources)
+        if args.group is not None and not args.chat:
+            parser.error("--group needs --chat (each member is the span under another instruction)")
+        if args.group is not None:
+            targets = make_reachable_groups(loaded, args.count, args.group, args.prompt_length, args.length, args.seed,
+                                            sources)
+        else:
+            make = make_reachable_chat_targets if args.chat else make_reachable_targets
+            targets = make(loaded, args.count, args.prompt_length, args.length, args.seed, sources)
         write_jsonl(targets, args.out)
         for t in targets:
             print(f"{t['id']}: LCS(prompt, target) {t['prompt_target_lcs']:.2f} | {t['prompt_text']!r} -> {t['text']!r}")
