@@ -153,12 +153,12 @@ def test_gcg_never_proposes_a_disallowed_token(tiny_llama):
     prompt = search.prompt.clone()
     gain = torch.zeros(3, tiny_llama.vocab_size)
     gain[..., :3] = 1e6  # the gradient "wants" the special tokens most
-    candidates = search._propose(lambda rows: gain[rows], prompt, search.target)
+    candidates = search._propose(lambda rows: gain[rows], prompt)
     assert 0 < len(candidates) <= 32 and candidates.shape[1] == 3
     assert not torch.isin(candidates, torch.tensor([0, 1, 2])).any()
     assert ((candidates != prompt).sum(-1) == 1).all()  # n_replace = 1: one changed position each
     two = GcgBatch(tiny_llama, [[5, 6, 7]], method_config("gcg", prompt_length=3, n_replace=2, **SMALL_GCG))
-    candidates = two.searches[0]._propose(lambda rows: gain[rows], prompt, two.searches[0].target)
+    candidates = two.searches[0]._propose(lambda rows: gain[rows], prompt)
     assert ((candidates != prompt).sum(-1) == 2).all() and not torch.isin(candidates, torch.tensor([0, 1, 2])).any()
 
 

@@ -128,8 +128,8 @@ def _swap_search(tiny, **options):
 def test_greedy_sampling_takes_each_positions_best_untried_swaps(tiny):
     swap = _swap_search(tiny, candidates=8, topk=16, sampling="greedy")
     gain = torch.arange(VOCAB, dtype=torch.float).expand(4, -1)  # the highest token id gains most
-    first = swap._propose(lambda positions: gain[: len(positions)], swap.prompt, swap.target)
-    second = swap._propose(lambda positions: gain[: len(positions)], swap.prompt, swap.target)
+    first = swap._propose(lambda positions: gain[: len(positions)], swap.prompt)
+    second = swap._propose(lambda positions: gain[: len(positions)], swap.prompt)
 
     def swapped_in(candidates: torch.Tensor) -> list[int]:
         return sorted(candidates[candidates != swap.prompt].tolist())
@@ -190,9 +190,10 @@ def test_swap_search_scores_multi_swaps_like_full_forwards(tiny):
                       swap_options(candidates=12, n_replace=2, window=0), torch.Generator().manual_seed(0))
     _, _, cache = scorer.with_gradient(prompt, target)
     gain = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(1))
-    candidates = swap._propose(lambda rows: gain[rows], prompt, target)
+    candidates = swap._propose(lambda rows: gain[rows], prompt)
     assert len(candidates) == 12 and ((candidates != prompt).sum(1) == 2).all()
-    keys, leads, preds = swap._score(candidates, prompt, target, cache)
+    swap.window = len(target)  # what the gradient pass sets: the whole target (window 0)
+    keys, leads, preds = swap._score(candidates, prompt, cache)
     full = PromptScorer(tiny.model, [BOS], False)
     with torch.no_grad():
         reference = swap.rank(torch.cat([full.prompts(c[None], 0, target, None) for c in candidates]), target)[0]
@@ -234,7 +235,7 @@ def test_acg_schedule_anneals_multi_token_swaps_down_to_one(tiny):
     search = batch.searches[0]
     prompt = search.prompt.clone()
     gain = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(1))
-    candidates = search._propose(lambda rows: gain[rows], prompt, search.target, n_replace=3)
+    candidates = search._propose(lambda rows: gain[rows], prompt, n_replace=3)
     assert len(candidates) > 0 and ((candidates != prompt).sum(1) == 3).all()
 
 
@@ -301,9 +302,9 @@ def test_stalled_refinement_restarts_from_the_next_init_prompt(tiny):
     from lit_inversion.dlmi.search import Scored
 
     now = Scored(torch.tensor([0]), torch.tensor([1.0], dtype=torch.float64), torch.zeros(1, 5, dtype=torch.long))
-    search._stall(now, 5)
+    search._stall(now)
     assert int(search.restarts) == before + 1 and int(search.stalled) == 1
-    search._stall(now, 5)
+    search._stall(now)
     assert int(search.restarts) == before + 2 and int(search.stalled) == 0
     assert torch.equal(batch.current[0], batch.seeds[0, (before + 2) % K])
 

@@ -105,7 +105,7 @@ def test_swap_gains_are_computed_only_where_the_step_swaps(big_vocab):
         asked.append(positions.tolist())
         return swap._gain(grad, positions)
 
-    candidates = swap._propose(gain, prompt, target)
+    candidates = swap._propose(gain, prompt)
     dense = -(grad @ E.T)
     dense[torch.arange(N), prompt] = -torch.inf  # a swap must change the token
     assert len(asked) == 1 and len(asked[0]) == 2 and len(candidates) == 16

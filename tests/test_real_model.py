@@ -44,3 +44,29 @@ def test_dlmi_finds_a_prompt_for_a_short_easy_target(smollm2):
     assert result.output_ids == greedy_decode(
         smollm2.model, torch.tensor([[smollm2.bos_id] + result.prompt_ids]), 3)[0].tolist()  # honest
     assert result.lcs_ratio >= 2 / 3
+
+
+def test_reachable_groups_share_one_known_span_under_different_instructions(smollm2):
+    """--reachable --chat --group: every member is the span's reply under its own instruction; the replies
+    differ, do not copy the span and are not what the dull span gives."""
+    from lit_inversion.dlmi.context import render_context
+    from lit_inversion.dlmi.data import OutputGroup, OutputTarget, group_targets
+    from lit_inversion.dlmi.scorer import PromptScorer
+    from lit_inversion.dlmi.targets import DULL_MAX_LCS, REACHABLE_MAX_COPY, make_reachable_groups
+    from lit_inversion.metrics import lcs_ratio
+    import torch
+
+    rows = make_reachable_groups(smollm2, 2, 2, prompt_length=8, length=8, seed=5,
+                                 sources=["The river rises in the hills and flows west to the sea."])
+    assert [r["group"] for r in rows] == ["group-natural-5-0"] * 2 + ["group-random-5-1"] * 2
+    for name in ("group-natural-5-0", "group-random-5-1"):
+        members = [r for r in rows if r["group"] == name]
+        assert len({tuple(r["prompt_ids"]) for r in members}) == 1  # one span
+        assert len({r["messages"][0]["content"] for r in members}) == 2 and members[0]["ids"] != members[1]["ids"]
+        for r in members:
+            context = render_context(smollm2.tokenizer, smollm2.bos_id, r["messages"])
+            assert PromptScorer(smollm2.model, context).verdict(torch.tensor(r["prompt_ids"]), 8) == r["ids"]
+            assert lcs_ratio(r["prompt_ids"], r["ids"]) <= REACHABLE_MAX_COPY and r["dull_lcs"] <= DULL_MAX_LCS
+    assert rows[0]["prompt_ids"] != rows[2]["prompt_ids"]
+    units = group_targets([OutputTarget(r["id"], r["ids"], None, r["group"]) for r in rows])
+    assert [type(u) for u in units] == [OutputGroup, OutputGroup]

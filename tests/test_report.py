@@ -383,9 +383,9 @@ def test_the_nanogcg_comparison_is_rendered_from_its_summary(tmp_path, monkeypat
 
 def test_joint_against_progressive_is_rendered_from_its_rows(tmp_path, monkeypatch):
     """benchmarks/universal.py's JSON: one row per mode, rendered as the page's table."""
-    rows = [dict(mode="joint", groups=2, solved=1, pairs=4, exact_pairs=3, pair_lcs=0.8125, wall_seconds=611.2,
+    rows = [dict(mode="joint", loss="sum", groups=2, solved=1, pairs=4, exact_pairs=3, pair_lcs=0.8125, wall_seconds=611.2,
                  steps=[20, 31]),
-            dict(mode="progressive", groups=2, solved=0, pairs=4, exact_pairs=2, pair_lcs=0.7, wall_seconds=600.0,
+            dict(mode="progressive", loss="sum", groups=2, solved=0, pairs=4, exact_pairs=2, pair_lcs=0.7, wall_seconds=600.0,
                  steps=[30, 30])]
     path = tmp_path / "dlmi_universal.json"
     path.write_text(json.dumps(dict(hardware="CPU test, 1 threads", model="tiny-test", command="python benchmarks/universal.py",
@@ -396,6 +396,6 @@ def test_joint_against_progressive_is_rendered_from_its_rows(tmp_path, monkeypat
     monkeypatch.setattr("sys.argv", ["report.py", str(path), "--out", str(out)])
     report.main()
     text = (out / "dlmi.md").read_text()
-    assert "## Universal prompts: joint against progressive" in text
-    assert "| joint | 1/2 | 3/4 | 0.81 | 611 s |" in text
-    assert "| progressive | 0/2 | 2/4 | 0.70 | 600 s |" in text
+    assert "## Universal prompts: joint:sum against progressive:sum" in text
+    assert "| joint | sum | 1/2 | 3/4 | 0.81 | 611 s |" in text
+    assert "| progressive | sum | 0/2 | 2/4 | 0.70 | 600 s |" in text

@@ -39,3 +39,10 @@ def test_reachable_cli_writes_a_targets_file_the_job_reads(tmp_path, tiny_llama_
     assert [r["kind"] for r in rows] == ["natural", "random"] and all("prompt_ids" in r for r in rows)
     read = read_sequences(out, tiny_llama.tokenizer, tiny_llama.vocab_size, option="--data.targets_file")
     assert [ids for _, ids in read] == [r["ids"] for r in rows]
+
+
+def test_natural_sets_every_span_from_the_source_text(tiny_llama):
+    targets = make_reachable_targets(tiny_llama, 3, prompt_length=6, length=8, seed=3, sources=SOURCES, natural=3)
+    assert [t["kind"] for t in targets] == ["natural"] * 3
+    words = " ".join(SOURCES).split()
+    assert all(tiny_llama.tokenizer.decode([i]) in words for t in targets for i in t["prompt_ids"])

@@ -202,16 +202,19 @@ dist.destroy_process_group()
 """
 
 
-def group_run(model_dir: str, process_group=None) -> dict:
-    """One group of three members (a rank scores one or two of them), stopped after 10 steps."""
+def group_run(model_dir: str, process_group=None) -> list[dict]:
+    """One group of three members (a rank scores one or two of them), 10 steps at most, joint and
+    progressive (where the second rank's members join later)."""
     from dataclasses import asdict
 
     loaded = load_model(model_dir)
-    config = DlmiConfig(prompt_length=3, num_steps=10, check_every=3, compute_dtype="float32", seed=5)
     group = _group(loaded, PREFIXES, span=[27, 48, 60], length=6)
-    (result,) = run_groups(loaded, [group], config, process_group)
-    out = asdict(result)
-    out.pop("seconds")
+    out = []
+    for mode in ("joint", "progressive"):
+        config = DlmiConfig(prompt_length=3, num_steps=10, check_every=3, compute_dtype="float32", seed=5,
+                            group_mode=mode)
+        (result,) = run_groups(loaded, [group], config, process_group)
+        out.append({k: v for k, v in asdict(result).items() if k != "seconds"})
     return out
 
 
@@ -226,4 +229,44 @@ def test_two_gloo_processes_split_a_group_and_give_the_one_process_result(tmp_pa
     one = group_run(str(chat_dir))
     two = json.loads(out.read_text())
     assert two == json.loads(json.dumps(one))
-    assert one["steps"] == 10 or all(p["exact_match"] for p in one["pairs"])
+    assert [r["mode"] for r in two] == ["joint", "progressive"]
+
+
+@pytest.mark.slow
+def test_split_groups_over_two_lightning_processes_give_the_one_process_records(tmp_path, chat_dir, chat):
+    """`--model.split_groups true` with 2 gloo processes: both ranks step every group, each scoring its members;
+    rank 0 writes each group's record once, equal to a one-process run's."""
+    from tests.test_cli import _env, _job_config
+    from tests.conftest import cli_command
+
+    records = {}
+    for name, extra in (("one", []), ("two", ["--trainer.devices", "2", "--trainer.strategy", "ddp"])):
+        directory = tmp_path / name
+        directory.mkdir()
+        rows = []
+        for g, span in (("g1", [27, 48, 60]), ("g2", [29, 10, 84])):
+            for member, prefix in zip(_group(chat, PREFIXES, span=span, length=6, name=g).members, PREFIXES):
+                rows.append({"id": f"{g}-{member.id}", "group": g, "ids": member.ids, "prefix": prefix})
+        (directory / "targets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        config = _job_config(directory, f"""
+model:
+  class_path: lit_inversion.dlmi.DlmiModule
+  init_args:
+    model_name_or_path: {chat_dir}
+    prompt_length: 3
+    num_steps: 8
+    split_groups: true
+    method:
+      class_path: lit_inversion.dlmi.DlmiConfig
+      init_args: {{check_every: 3, compute_dtype: float32, seed: 5}}
+data:
+  class_path: lit_inversion.dlmi.OutputTargetsDataModule
+  init_args: {{targets_file: {directory}/targets.jsonl, batch_size: 2}}
+""")
+        run = subprocess.run(cli_command() + ["fit", "--config", str(config), *extra], capture_output=True, text=True,
+                             env=dict(_env(), OMP_NUM_THREADS="1"), timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        got = read_results(directory / "results.jsonl")
+        assert sorted(r["id"] for r in got) == ["g1", "g2"]  # each group once
+        records[name] = {r["id"]: {k: v for k, v in r.items() if k != "seconds"} for r in got}
+    assert records["two"] == records["one"]

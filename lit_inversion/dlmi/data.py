@@ -233,7 +233,8 @@ class OutputTargetsDataModule(L.LightningDataModule):
             raise InversionError(f"batch_size (the number of target slots) must be at least 1 (got {batch_size})")
         if limit is not None and limit < 1:
             raise InversionError(f"--data.limit must be at least 1, or null for all targets (got {limit})")
-        self.targets: list[OutputTarget] = []  # this rank's shard, still to do
+        self.targets: list[OutputTarget | OutputGroup] = []  # this rank's shard, still to do
+        self.split_groups: list[OutputGroup] = []  # every rank's (split_groups): each scores its members
         self.step_bound = 0  # pool steps the largest shard needs at most (the progress bar's total)
 
     def build_targets(self, loaded: LoadedModel, prepend_bos: bool = True) -> list[OutputTarget | OutputGroup]:
@@ -265,9 +266,14 @@ class OutputTargetsDataModule(L.LightningDataModule):
         todo = [t for t in targets if t.id not in done]
         module.announce_targets(len(targets), len(todo))
         rank, world = self.trainer.global_rank, self.trainer.world_size
+        self.split_groups = []
+        if getattr(module.hparams, "split_groups", False) and world > 1:  # every rank runs every group
+            self.split_groups = [t for t in todo if isinstance(t, OutputGroup)]
+            todo = [t for t in todo if not isinstance(t, OutputGroup)]
         self.targets = [t for t in shard(todo, rank, world, size=lambda t: len(t.ids)) if t is not None]
         largest = math.ceil(len(todo) / world)
-        self.step_bound = max_pool_steps(largest, self.hparams.batch_size, module.config.num_steps)
+        slots, steps = self.hparams.batch_size, module.config.num_steps
+        self.step_bound = max_pool_steps(largest, slots, steps) + max_pool_steps(len(self.split_groups), slots, steps)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TargetStream(self.targets), batch_size=None)

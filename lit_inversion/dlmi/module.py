@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import torch
+
 
 from lit_inversion.dlmi.batch import DlmiResult
 from lit_inversion.dlmi.config import CONFIGS, DlmiConfig, OutputConfig, method_config
@@ -58,13 +60,16 @@ class DlmiModule(InversionJob):
         checkpoint_every: steps between `last.ckpt` saves.
         results_path: the JSONL file each finished target's record is appended to.
         dtype: the frozen model's dtype: auto (bfloat16 on a GPU, else float32), float32, bfloat16 or float16.
+        split_groups: with several processes, every rank runs every group (one universal prompt for
+            records sharing "group") on its share of the group's members, instead of whole groups per rank.
     """
 
     progress_unit = "steps"  # one training step is one optimisation step of every slot
 
     def __init__(self, model_name_or_path: str = DEFAULT_MODEL, method: OutputConfig | None = None,
                  prompt_length: int | None = None, num_steps: int | None = None, init: str | None = None,
-                 checkpoint_every: int = 32, results_path: str = "results/dlmi.jsonl", dtype: str = "auto"):
+                 checkpoint_every: int = 32, results_path: str = "results/dlmi.jsonl", dtype: str = "auto",
+                 split_groups: bool = False):
         super().__init__(model_name_or_path, results_path, dtype)
         self.save_hyperparameters()
         if dtype not in ("auto", *DTYPES):
@@ -80,6 +85,8 @@ class DlmiModule(InversionJob):
         self.lcs = LCSRatio()
         self.optimisation_steps = 0
         self.pool: TargetPool | None = None  # not a submodule: its state travels in on_save_checkpoint
+        # split_groups: the groups every rank steps together (each scoring its members), in step on every rank.
+        self.group_pool: TargetPool | None = None
         self._finished_rows: list[list[str]] = []
         self._saved_slots: dict[str, dict] = {}  # in-flight targets restored from a checkpoint
 
@@ -98,6 +105,11 @@ class DlmiModule(InversionJob):
         slots = self.trainer.datamodule.hparams.batch_size  # the data module's batch_size is the slot count
         self.pool = TargetPool(self.load(), self.config, slots)
         self.pool.load_state_dict(self._saved_slots)
+        groups = self.trainer.datamodule.split_groups
+        if groups:
+            self.group_pool = TargetPool(self.load(), self.config, slots, process_group=torch.distributed.group.WORLD)
+            self.group_pool.load_state_dict(self._saved_slots)
+            self.group_pool.enqueue(groups, skip=self.finished_ids())
         self._saved_slots = {}
         self._to_fetch = len(self.trainer.datamodule.targets)  # this rank's targets, pulled at the first step
         # Lightning counts global_step in steps of optimisers it was given; the slots' optimisers are made
@@ -115,7 +127,8 @@ class DlmiModule(InversionJob):
     def on_train_batch_start(self, batch, batch_idx: int) -> int | None:
         # Every rank must leave the loop at the same step (Lightning's collectives, checkpoint gathers):
         # stop only when no rank has a target left.
-        if self.trainer.strategy.reduce_boolean_decision(self.pool.empty and self._to_fetch == 0, all=True):
+        empty = self.pool.empty and self._to_fetch == 0 and (self.group_pool is None or self.group_pool.empty)
+        if self.trainer.strategy.reduce_boolean_decision(empty, all=True):
             return -1
         return None
 
@@ -127,12 +140,15 @@ class DlmiModule(InversionJob):
             self.pool.enqueue([target], skip=self.finished_ids())
         self.optimisation_steps += 1
         self._step_progress().increment_ready()
+        if self.group_pool is not None and not self.group_pool.empty:
+            # Every rank steps the same groups together (their collectives), so no SIGTERM skip here.
+            self._log_step(self.group_pool.step(), write=self.trainer.is_global_zero)
         if not self.pool.empty:  # else a no-op step: other ranks still have targets
             # On SIGTERM the slots not yet stepped skip this step; Lightning then stops at its end.
             self._log_step(self.pool.step(interrupted=lambda: self.trainer.received_sigterm))
         self._step_progress().increment_completed()
 
-    def _log_step(self, step: PoolStep) -> None:
+    def _log_step(self, step: PoolStep, write: bool = True) -> None:
         finite = [x for x in step.loss if math.isfinite(x)]
         scalars = {"dlmi/forwards": step.forwards, "dlmi/gradient_passes": step.gradients}
         if step.soft_lcs:  # else every slot skipped the step (SIGTERM)
@@ -152,7 +168,8 @@ class DlmiModule(InversionJob):
                 scalars[f"groups/{name}/exact_pairs"] = sum(p.exact_match for p in result.pairs)
         log_scalars(self, scalars, self.optimisation_steps)
         for name, result in step.finished:
-            self._write_finished(name, result)
+            if write:  # a split group's record: rank 0 writes it
+                self._write_finished(name, result)
         # On the bar: the best honest LCS of the targets in the slots (as of their last checks), and
         # the targets finished and matched so far on this rank.
         checked = [float(s.batch.best_lcs[0]) for s in self.pool.running if float(s.batch.best_lcs[0]) >= 0]
@@ -224,6 +241,8 @@ class DlmiModule(InversionJob):
         super().on_save_checkpoint(checkpoint)
         checkpoint["optimisation_steps"] = self.optimisation_steps
         local = self.pool.state_dict() if self.pool is not None else self._saved_slots
+        if self.group_pool is not None:
+            local = {**local, **self.group_pool.state_dict()}
         # Every rank's in-flight targets, by id (rank 0 writes the file): a resume with any number of
         # processes continues each one on whichever rank its shard puts it.
         checkpoint["dlmi_slots"] = merge_across_ranks(local, self.trainer)

@@ -114,19 +114,21 @@ def _random_prompt(loaded, length: int, rng: random.Random) -> list[int]:
 
 
 def make_reachable_targets(loaded, count: int, prompt_length: int = 20, length: int = 20, seed: int = 0,
-                           sources: Sequence[str] = (), prepend_bos: bool = True, tries: int = 50) -> list[dict]:
-    """`count` targets with a known non-copying solution: half from natural-text prompts (lines of
-    `sources`), half from random allowed tokens; each is the greedy continuation of its prompt."""
-    return _reachable(loaded, count, prompt_length, length, seed, sources, prepend_bos, tries, chat=False)
+                           sources: Sequence[str] = (), prepend_bos: bool = True, tries: int = 50,
+                           natural: int | None = None) -> list[dict]:
+    """`count` targets with a known non-copying solution: `natural` (default half) from natural-text prompts
+    (lines of `sources`), the rest from random allowed tokens; each is the greedy continuation of its prompt."""
+    return _reachable(loaded, count, prompt_length, length, seed, sources, prepend_bos, tries, chat=False,
+                      natural=natural)
 
 
 def make_reachable_chat_targets(loaded, count: int, prompt_length: int = 20, length: int = 20, seed: int = 0,
                                 sources: Sequence[str] = (), prepend_bos: bool = True, tries: int = 50,
-                                instructions: Sequence[str] = CHAT_INSTRUCTIONS) -> list[dict]:
+                                instructions: Sequence[str] = CHAT_INSTRUCTIONS, natural: int | None = None) -> list[dict]:
     """`count` chat targets with a known non-copying span: the user turn is an instruction and the span,
     the target the assistant's greedy reply, which the dull span does not already give."""
     return _reachable(loaded, count, prompt_length, length, seed, sources, prepend_bos, tries, chat=True,
-                      instructions=instructions)
+                      instructions=instructions, natural=natural)
 
 
 class _Replies:
@@ -181,12 +183,13 @@ def _record(loaded, record: dict, messages, output: list[int], prompt: list[int]
 
 
 def _reachable(loaded, count: int, prompt_length: int, length: int, seed: int, sources: Sequence[str],
-               prepend_bos: bool, tries: int, chat: bool, instructions: Sequence[str] = ()) -> list[dict]:
+               prepend_bos: bool, tries: int, chat: bool, instructions: Sequence[str] = (),
+               natural: int | None = None) -> list[dict]:
     from lit_inversion.errors import InversionError
 
     rng = random.Random(seed)
     replies = _Replies(loaded, length, prepend_bos)
-    natural = count // 2 if sources else 0
+    natural = (count // 2 if natural is None else min(natural, count)) if sources else 0
     targets, spans = [], set()
     for j in range(count):
         kind = "natural" if j < natural else "random"
@@ -210,7 +213,7 @@ def _reachable(loaded, count: int, prompt_length: int, length: int, seed: int, s
 
 def make_reachable_groups(loaded, groups: int, size: int, prompt_length: int = 20, length: int = 20, seed: int = 0,
                           sources: Sequence[str] = (), prepend_bos: bool = True, tries: int = 50,
-                          instructions: Sequence[str] = CHAT_INSTRUCTIONS) -> list[dict]:
+                          instructions: Sequence[str] = CHAT_INSTRUCTIONS, natural: int | None = None) -> list[dict]:
     """`groups` groups of `size` chat targets that one known span solves: the span after `size` different
     instructions, each member's target its greedy reply (non-copying, not the dull span's, all replies
     distinct); half the groups' spans natural text, half random tokens; no span in two groups."""
@@ -220,7 +223,7 @@ def make_reachable_groups(loaded, groups: int, size: int, prompt_length: int = 2
         raise InversionError(f"--group must be between 2 and {len(instructions)} (the instructions) (got {size})")
     rng = random.Random(seed)
     replies = _Replies(loaded, length, prepend_bos)
-    natural = groups // 2 if sources else 0
+    natural = (groups // 2 if natural is None else min(natural, groups)) if sources else 0
     records, spans = [], set()
     for j in range(groups):
         kind = "natural" if j < natural else "random"
@@ -279,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     reach.add_argument("--count", type=int, default=8, help="targets, or groups with --group (half natural, half random spans)")
     reach.add_argument("--group", type=int, default=None, metavar="G",
                        help="with --chat: groups of G targets that one span solves under G different instructions")
+    reach.add_argument("--natural", type=int, default=None,
+                       help="how many targets (or groups) have natural-text spans (default: half; --count for all)")
     reach.add_argument("--prompt-length", type=int, default=20, help="N, the known prompt's length")
     reach.add_argument("--source", default=str(Path(__file__).resolve().parents[2] / "data" / "seed_sentences.txt"),
                        help="text lines the natural prompts are cut from")
@@ -290,10 +295,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error("--group needs --chat (each member is the span under another instruction)")
         if args.group is not None:
             targets = make_reachable_groups(loaded, args.count, args.group, args.prompt_length, args.length, args.seed,
-                                            sources)
+                                            sources, natural=args.natural)
         else:
             make = make_reachable_chat_targets if args.chat else make_reachable_targets
-            targets = make(loaded, args.count, args.prompt_length, args.length, args.seed, sources)
+            targets = make(loaded, args.count, args.prompt_length, args.length, args.seed, sources, natural=args.natural)
         write_jsonl(targets, args.out)
         for t in targets:
             print(f"{t['id']}: LCS(prompt, target) {t['prompt_target_lcs']:.2f} | {t['prompt_text']!r} -> {t['text']!r}")

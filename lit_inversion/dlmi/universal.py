@@ -45,32 +45,25 @@ class Members:
     """The members this process scores (a contiguous share, so gathering rank by rank keeps member
     order), and the gathers that bring every member's values to every rank."""
 
-    def __init__(self, count: int, process_group=None):
-        self.group = process_group
+    def __init__(self, count: int, device: torch.device, process_group=None):
+        self.group, self.device = process_group, device
         self.world = dist.get_world_size(process_group) if process_group is not None else 1
         self.rank = dist.get_rank(process_group) if process_group is not None else 0
         if self.world > count:
             raise InversionError(f"a group of {count} members cannot be split over {self.world} processes: "
                                  "use at most as many processes as members")
-        self.count = count
         self.local = list(range(self.rank * count // self.world, (self.rank + 1) * count // self.world))
 
     def gather(self, values: list) -> list:
         """This rank's per-member values (for its local members, in order) -> every member's, in member
-        order. Tensors travel on the CPU and come back on their device."""
+        order, on every rank. Tensors travel on the CPU and arrive on this rank's device."""
         if self.world == 1:
             return values
-        device = next((v.device for v in values if isinstance(v, torch.Tensor)), None)
-        parts: list = [None] * self.world
-        dist.all_gather_object(parts, [v.cpu() if isinstance(v, torch.Tensor) else v for v in values], group=self.group)
-        out = [v for part in parts for v in part]
-        return [v.to(device) if isinstance(v, torch.Tensor) and device is not None else v for v in out]
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank if it is true on one (a clock-based stop must agree)."""
-        return flag if self.world == 1 else any(self.gather_one(flag))
+        parts = self.gather_one([v.cpu() if isinstance(v, torch.Tensor) else v for v in values])
+        return [v.to(self.device) if isinstance(v, torch.Tensor) else v for part in parts for v in part]
 
     def gather_one(self, value) -> list:
+        """Every rank's `value`, in rank order."""
         if self.world == 1:
             return [value]
         parts: list = [None] * self.world
@@ -162,7 +155,8 @@ class GroupSearch(search.SwapSearch):
         leads, losses = stats[:, 0].long()[:, None], stats[:, 1].float()[:, None]
         self.member_leads[: leads.shape[0]] = leads[:, 0]  # the same on every rank (a checkpoint holds all)
         key = self._combined(leads, losses)
-        pred = torch.cat([now.pred[0] for _, now, _, _, _ in local])[None]
+        # This rank's joined members' teacher-forced argmax (none yet on a rank whose members join later).
+        pred = torch.cat([now.pred[0] for _, now, _, _, _ in local] or [prompt.new_zeros(0)])[None]
         now = search.Scored(leads.sum(0), key, pred)
 
         def gradient() -> torch.Tensor:
@@ -185,7 +179,8 @@ class GroupSearch(search.SwapSearch):
             preds.append(scored.pred)
         stats = torch.stack(self.communicator.gather(local))  # [J, 2, R]
         leads, losses = stats[:, 0].long(), stats[:, 1].float()
-        return search.Scored(leads.sum(0), self._combined(leads, losses), torch.cat(preds, 1))
+        pred = torch.cat(preds, 1) if preds else prompts.new_zeros(len(prompts), 0)
+        return search.Scored(leads.sum(0), self._combined(leads, losses), pred)
 
     def keys(self, prompts: torch.Tensor) -> torch.Tensor:
         """Rank keys [R] of whole prompts [R, N] (no cache): picks the start prompt."""
@@ -252,8 +247,8 @@ class GroupBatch(nn.Module):
         check_group_config(config)
         validate_group(loaded, group, config)
         self.loaded, self.config, self.group = loaded, config, group
-        self.communicator = Members(len(group.members), process_group)
         device = loaded.model.get_input_embeddings().weight.device
+        self.communicator = Members(len(group.members), device, process_group)
         bare = bare_context(loaded.bos_id, config.prepend_bos)
         self.contexts: list[Context] = [m.context or bare for m in group.members]
         self.targets = [list(m.ids) for m in group.members]

@@ -1,4 +1,5 @@
-"""Universal prompts: joint against progressive mode on the same groups (benchmarks/universal.py)."""
+"""Universal prompts: joint against progressive mode, or the sum against mellowmax, on the same groups
+(benchmarks/universal.py)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ from benchmarks.reporting.sources import Source
 
 def section_universal(source: Source, figures: Figures) -> list[str]:
     d = source.data
-    rows = [[r["mode"], f"{r['solved']}/{r['groups']}", f"{r['exact_pairs']}/{r['pairs']}", f"{r['pair_lcs']:.2f}",
-             f"{r['wall_seconds']:.0f} s"] for r in source.rows]
-    return ([f"## Universal prompts: joint against progressive (`{source.name}`)", "",
+    arms = [f"{r['mode']}:{r.get('loss', 'sum')}" for r in source.rows]
+    rows = [[r["mode"], r.get("loss", "sum"), f"{r['solved']}/{r['groups']}", f"{r['exact_pairs']}/{r['pairs']}",
+             f"{r['pair_lcs']:.2f}", f"{r['wall_seconds']:.0f} s"] for r in source.rows]
+    return ([f"## Universal prompts: {' against '.join(arms)} (`{source.name}`)", "",
              f"One prompt per group for every member (each in its own chat context), the shipped config with "
-             f"{d['max_seconds_per_member']:g} s per member, all groups in one pool, one mode after the other on "
+             f"{d['max_seconds_per_member']:g} s per member, all groups in one pool, one arm after the other on "
              f"`{d['targets']}`.", ""]
-            + captioned("Joint against progressive", source.runs[0],
-                        ["mode", "groups solved", "pairs exact", "mean per-pair honest LCS", "wall time"], rows))
+            + captioned("Universal prompts", source.runs[0],
+                        ["mode", "loss", "groups solved", "pairs exact", "mean per-pair honest LCS", "wall time"], rows))
 
 
 KIND = Kind(name="dlmi-universal", page="dlmi.md", writer="universal.py",
