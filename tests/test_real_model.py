@@ -56,8 +56,10 @@ def test_reachable_groups_share_one_known_span_under_different_instructions(smol
     from lit_inversion.metrics import lcs_ratio
     import torch
 
-    rows = make_reachable_groups(smollm2, 2, 2, prompt_length=8, length=8, seed=5,
-                                 sources=["The river rises in the hills and flows west to the sea."])
+    from pathlib import Path
+
+    sources = (Path(__file__).resolve().parents[1] / "data" / "natural_prompts.txt").read_text().splitlines()
+    rows = make_reachable_groups(smollm2, 2, 2, prompt_length=8, length=8, seed=5, sources=sources)
     assert [r["group"] for r in rows] == ["group-natural-5-0"] * 2 + ["group-random-5-1"] * 2
     for name in ("group-natural-5-0", "group-random-5-1"):
         members = [r for r in rows if r["group"] == name]

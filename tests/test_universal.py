@@ -218,6 +218,7 @@ def group_run(model_dir: str, process_group=None) -> list[dict]:
     return out
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_split_a_group_and_give_the_one_process_result(tmp_path, chat_dir):
     script = tmp_path / "worker.py"
     out = tmp_path / "two.json"
