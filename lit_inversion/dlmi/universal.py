@@ -286,14 +286,6 @@ class GroupBatch(nn.Module):
     def device(self) -> torch.device:
         return self.best_prompt.device
 
-    @property
-    def batch_size(self) -> int:
-        return 1
-
-    @property
-    def target_ids(self) -> torch.Tensor:
-        return self.best_outputs
-
     def _running(self) -> bool:
         c = self.config
         # The time budget is per target: a group of G members gets G times it (one step scores all G).
