@@ -28,11 +28,9 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import ROOT, hardware, run_record  # noqa: E402
-from lit_inversion.dlmi.config import DlmiConfig  # noqa: E402
+from benchmarks.common import hardware, run_record, shipped_config  # noqa: E402
 from lit_inversion.dlmi.context import Context  # noqa: E402
 from lit_inversion.dlmi.data import read_output_targets  # noqa: E402
 from lit_inversion.dlmi.pool import invert_outputs  # noqa: E402
@@ -51,14 +49,6 @@ def append(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-def shipped_config(**options) -> DlmiConfig:
-    """configs/dlmi.yaml's method, with its prompt length and step cap."""
-    yaml_config = yaml.safe_load((ROOT / "configs/dlmi.yaml").read_text())["model"]["init_args"]
-    method = dict(yaml_config["method"].get("init_args") or {})
-    return DlmiConfig(**{**method, "prompt_length": yaml_config["prompt_length"],
-                         "num_steps": yaml_config["num_steps"], **options})
 
 
 def prepare(args, loaded) -> None:

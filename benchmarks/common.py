@@ -63,3 +63,14 @@ def run_record() -> dict:
     """What every benchmark JSON records about its run, for the generated pages in docs/results/: the command
     that reproduces it, and the commit and date at which it started."""
     return {"command": command(), **_STARTED}
+
+
+def shipped_config(**options):
+    """configs/dlmi.yaml's method (a DlmiConfig), with its prompt length and step cap; `options` over them."""
+    import yaml
+
+    from lit_inversion.dlmi.config import DlmiConfig
+
+    init = yaml.safe_load((ROOT / "configs/dlmi.yaml").read_text())["model"]["init_args"]
+    method = dict(init["method"].get("init_args") or {})
+    return DlmiConfig(**{**method, "prompt_length": init["prompt_length"], "num_steps": init["num_steps"], **options})

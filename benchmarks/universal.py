@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import ROOT, hardware, run_record  # noqa: E402
+from benchmarks.common import hardware, run_record, shipped_config  # noqa: E402
 from lit_inversion.dlmi.config import DlmiConfig  # noqa: E402
 from lit_inversion.dlmi.data import OutputGroup, group_targets, read_output_targets  # noqa: E402
 from lit_inversion.dlmi.pool import run_pool  # noqa: E402
@@ -32,13 +31,6 @@ from lit_inversion.models import load_model  # noqa: E402
 
 MODES = ("joint", "progressive")
 LOSSES = ("sum", "mellowmax")
-
-
-def shipped_config(**options) -> DlmiConfig:
-    """configs/dlmi.yaml's method, prompt length and step cap."""
-    init = yaml.safe_load((ROOT / "configs/dlmi.yaml").read_text())["model"]["init_args"]
-    method = dict(init["method"].get("init_args") or {})
-    return DlmiConfig(**{**method, "prompt_length": init["prompt_length"], "num_steps": init["num_steps"], **options})
 
 
 def run_mode(loaded, groups: list[OutputGroup], config: DlmiConfig) -> dict:

@@ -359,6 +359,18 @@ def test_readme_block_is_rewritten_in_place(tmp_path, monkeypatch):
     assert readme.read_text() == text
 
 
+def _dlmi_page(tmp_path, monkeypatch, name: str, data: dict) -> str:
+    """dlmi.md as report.py writes it from one benchmark JSON `name` holding `data` (and a test run's labels)."""
+    path = tmp_path / name
+    path.write_text(json.dumps(dict(hardware="CPU test, 1 threads", model="tiny-test", commit="abc1234",
+                                    date="2026-01-02T03:04:05", **data)))
+    out = tmp_path / "pages"
+    monkeypatch.setattr(report, "load_pyplot", lambda: None)
+    monkeypatch.setattr("sys.argv", ["report.py", str(path), "--out", str(out)])
+    report.main()
+    return (out / "dlmi.md").read_text()
+
+
 def test_the_nanogcg_comparison_is_rendered_from_its_summary(tmp_path, monkeypatch):
     """benchmarks/anchor.py summary's JSON: one row per arm and context, rendered as the page's table."""
     row = dict(id="t", kind="random", context="chat", method="dlmi", package="lit-inversion", honest_lcs=0.7,
@@ -368,14 +380,8 @@ def test_the_nanogcg_comparison_is_rendered_from_its_summary(tmp_path, monkeypat
                dict(context="chat", method="nanogcg (width 64, top-k 64)", package="nanogcg==0.3.0", targets=2, exact=0,
                     honest_lcs=0.5, remaining_error=0.5, median_seconds_to_exact=None, seconds_per_target=52.9,
                     prompt_perplexity=None)]
-    path = tmp_path / "dlmi_anchor.json"
-    path.write_text(json.dumps(dict(hardware="CPU test, 1 threads", model="tiny-test", command="python benchmarks/anchor.py",
-                                    commit="abc1234", date="2026-01-02T03:04:05", summary=summary, rows=[row])))
-    out = tmp_path / "pages"
-    monkeypatch.setattr(report, "load_pyplot", lambda: None)
-    monkeypatch.setattr("sys.argv", ["report.py", str(path), "--out", str(out)])
-    report.main()
-    text = (out / "dlmi.md").read_text()
+    text = _dlmi_page(tmp_path, monkeypatch, "dlmi_anchor.json",
+                      dict(command="python benchmarks/anchor.py", summary=summary, rows=[row]))
     assert "## Against the real nanoGCG" in text
     assert "| chat | dlmi | lit-inversion | 1/2 | 0.75 | 0.25 | 31 | 40 | 457 |" in text
     assert "| chat | nanogcg (width 64, top-k 64) | nanogcg==0.3.0 | 0/2 | 0.50 | 0.50 | - | 53 | - |" in text
@@ -387,15 +393,9 @@ def test_joint_against_progressive_is_rendered_from_its_rows(tmp_path, monkeypat
                  steps=[20, 31]),
             dict(mode="progressive", loss="sum", groups=2, solved=0, pairs=4, exact_pairs=2, pair_lcs=0.7, wall_seconds=600.0,
                  steps=[30, 30])]
-    path = tmp_path / "dlmi_universal.json"
-    path.write_text(json.dumps(dict(hardware="CPU test, 1 threads", model="tiny-test", command="python benchmarks/universal.py",
-                                    commit="abc1234", date="2026-01-02T03:04:05", targets="g.jsonl",
-                                    max_seconds_per_member=150.0, rows=rows)))
-    out = tmp_path / "pages"
-    monkeypatch.setattr(report, "load_pyplot", lambda: None)
-    monkeypatch.setattr("sys.argv", ["report.py", str(path), "--out", str(out)])
-    report.main()
-    text = (out / "dlmi.md").read_text()
+    text = _dlmi_page(tmp_path, monkeypatch, "dlmi_universal.json",
+                      dict(command="python benchmarks/universal.py", targets="g.jsonl", max_seconds_per_member=150.0,
+                           rows=rows))
     assert "## Universal prompts: joint:sum against progressive:sum" in text
     assert "| joint | sum | 1/2 | 3/4 | 0.81 | 611 s |" in text
     assert "| progressive | sum | 0/2 | 2/4 | 0.70 | 600 s |" in text

@@ -20,7 +20,7 @@ import functools
 import hashlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -273,13 +273,8 @@ class TargetBatch(nn.Module):
 
     def _random_prompt(self, b: int) -> torch.Tensor:
         """Random allowed tokens for target b, drawn from its generator, within the copy limit."""
-        choices = torch.nonzero(self.allowed[b]).flatten()
-        for _ in range(100):
-            prompt = choices[torch.randint(len(choices), (self.config.prompt_length,), generator=self.generators[b],
-                                           device=self.device)]
-            if not self._copies(b, prompt.tolist()):
-                break
-        return prompt
+        return draw_prompt(self.allowed[b], self.config.prompt_length, self.generators[b],
+                           lambda prompt: self._copies(b, prompt))
 
     def _copies(self, b: int, prompt: list[int]) -> bool:
         """Whether `prompt` shares more of target b than the copy limit allows."""
@@ -372,6 +367,18 @@ class TargetBatch(nn.Module):
         for g, saved in zip(self.generators, state["generators"]):
             restore_generator(g, saved, state.get("generator_device", "cpu"))
         self._started = time.perf_counter() - float(self.seconds.max())  # buffers are loaded first
+
+
+def draw_prompt(allowed: torch.Tensor, length: int, generator: torch.Generator,
+                copies: Callable[[list[int]], bool], tries: int = 100) -> torch.Tensor:
+    """`length` random tokens of the [V] mask `allowed`, drawn from `generator` (on the mask's device),
+    re-drawn up to `tries` times while `copies(prompt)` says it copies a target."""
+    choices = torch.nonzero(allowed).flatten()
+    for _ in range(tries):
+        prompt = choices[torch.randint(len(choices), (length,), generator=generator, device=allowed.device)]
+        if not copies(prompt.tolist()):
+            break
+    return prompt
 
 
 def restore_generator(generator: torch.Generator, saved: torch.Tensor, saved_on: str) -> None:

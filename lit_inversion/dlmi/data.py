@@ -54,7 +54,8 @@ class OutputGroup:
         return [i for m in self.members for i in m.ids]
 
     @property
-    def context(self) -> dict:
+    def signature(self) -> dict:
+        """Its members' ids and contexts (a restored state must match them)."""
         return {"members": [[m.id, m.context.to_dict() if m.context is not None else None] for m in self.members]}
 
 

@@ -173,7 +173,7 @@ class TargetPool:
 def _input(target: OutputTarget | OutputGroup) -> dict | None:
     """The context a saved state was made in (None: bare; a group: its members' ids and contexts)."""
     if isinstance(target, OutputGroup):
-        return target.context
+        return target.signature
     return target.context.to_dict() if target.context is not None else None
 
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lit_inversion.dlmi import search
-from lit_inversion.dlmi.batch import StepStats, anchor_ids, restore_generator, target_seed
+from lit_inversion.dlmi.batch import StepStats, anchor_ids, draw_prompt, restore_generator, target_seed
 from lit_inversion.dlmi.config import DlmiConfig, OutputConfig
 from lit_inversion.dlmi.context import Context, bare_context
 from lit_inversion.dlmi.data import OutputGroup, check_group_config, validate_group
@@ -323,13 +323,7 @@ class GroupBatch(nn.Module):
         return any(lcs_length(prompt, t) > self.config.copy_limit * len(t) + 1e-9 for t in self.targets)
 
     def _random_prompt(self) -> torch.Tensor:
-        choices = torch.nonzero(self.allowed).flatten()
-        g = self.generator
-        for _ in range(100):
-            prompt = choices[torch.randint(len(choices), (self.config.prompt_length,), generator=g, device=g.device)]
-            if not self._copies(prompt.tolist()):
-                break
-        return prompt.to(self.device)
+        return draw_prompt(self.allowed, self.config.prompt_length, self.generator, self._copies)
 
     @torch.no_grad()
     def _start(self) -> None:
