@@ -159,5 +159,5 @@ def swap_options(**options):
     base = dict(candidates=64, topk=256, positions=0, n_replace=1, rank="lead", objective="hinge", margin=1.0,
                 window=4, accept="improve", no_revisit=True, patience=16, restart_swaps=3, copy_limit=1.0,
                 retokenize=False, chunk=None, sampling="random", distance_weight=0.0, dedupe=False, merge=0,
-                buffer=0, momentum=0.0)
+                buffer=0, momentum=0.0, prior=0.0)
     return SwapOptions(**{**base, **options})

@@ -175,8 +175,31 @@ def test_beam_start_changes_only_the_last_positions(tiny):
     assert 0 < int(batch.forwards[0]) <= 1 * 4 + 1 + 3 * 4 + 3  # forwards for the draws plus the prompts ranked
 
 
+def test_log_prior_is_the_models_next_token_distribution(tiny):
+    from lit_inversion.dlmi.scorer import PromptScorer
+
+    prompt = torch.tensor([5, 17, 40, 8])
+    logits = tiny.model(input_ids=torch.tensor([[BOS, 5, 17, 40, 8]])).logits[0].float()
+    positions = torch.tensor([0, 2, 3])
+    with_bos = PromptScorer(tiny.model, [BOS]).log_prior(prompt, positions)
+    assert torch.allclose(with_bos, torch.log_softmax(logits[positions], -1), atol=1e-5)
+    bare = PromptScorer(tiny.model, []).log_prior(prompt, positions)  # nothing before position 0: uniform
+    assert torch.equal(bare[0], torch.zeros(VOCAB))
+    plain = torch.log_softmax(tiny.model(input_ids=prompt[None]).logits[0].float(), -1)
+    assert torch.allclose(bare[1:], plain[positions[1:] - 1], atol=1e-5)
+
+
+def test_a_strong_prior_proposes_the_models_own_next_tokens(tiny):
+    batch = DlmiBatch(tiny, [[9, 10, 11, 12, 13]], DlmiConfig(**SEARCH, refine_prior=1e6))
+    swap = batch.searches[0]
+    positions = torch.tensor([1, 3])
+    gain = swap._gain(torch.randn(4, tiny.model.config.hidden_size), positions)
+    prior = swap.scorer.log_prior(swap.prompt, positions)
+    assert torch.equal(gain.topk(5, -1).indices, prior.topk(5, -1).indices)
+
+
 @pytest.mark.parametrize("options", [dict(refine_dedupe=True), dict(refine_merge=4), dict(refine_buffer=8),
-                                     dict(refine_momentum=0.5), dict(beam_positions=2),
+                                     dict(refine_momentum=0.5), dict(beam_positions=2), dict(refine_prior=1.0),
                                      dict(relaxed_method="adc", refine_fraction=0.5)])
 def test_each_option_reaches_exact_match_without_copying(tiny, options):
     target = _reachable_target(tiny)
@@ -189,6 +212,7 @@ def test_each_option_reaches_exact_match_without_copying(tiny, options):
 @pytest.mark.parametrize("options, message", [
     (dict(relaxed_method="sgd"), "relaxed_method must be one of gumbel, adc"),
     (dict(refine_momentum=1.0), "refine_momentum must be in \\[0, 1\\)"),
+    (dict(refine_prior=-0.5), "refine_prior must be 0 \\(off\\) or positive"),
     (dict(refine_merge=-1), "refine_merge, refine_buffer and beam_positions must be 0 \\(off\\) or positive"),
 ])
 def test_bad_move_options_name_the_problem(options, message):

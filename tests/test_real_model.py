@@ -72,3 +72,30 @@ def test_reachable_groups_share_one_known_span_under_different_instructions(smol
     assert rows[0]["prompt_ids"] != rows[2]["prompt_ids"]
     units = group_targets([OutputTarget(r["id"], r["ids"], None, r["group"]) for r in rows])
     assert [type(u) for u in units] == [OutputGroup, OutputGroup]
+
+
+def test_dlmi_prompts_re_encode_to_their_ids(smollm2):
+    """filter_ids (the default): every prompt the search can start from or move to is text that encodes back to
+    its ids, so a pasted prompt_text gives prompt_ids. About half of SmolLM2's random 20-token prompts do not."""
+    import torch
+
+    from lit_inversion.dlmi import DlmiBatch, DlmiConfig
+    from lit_inversion.dlmi.vocab import retokenization_mask
+    from lit_inversion.tokens import encode
+
+    target = encode(smollm2.tokenizer, " the river flows north to the sea")
+    batch = DlmiBatch(smollm2, [target], DlmiConfig(num_steps=4, check_every=2))
+    draws = torch.stack([batch._random_prompt(0) for _ in range(20)])
+    assert bool(retokenization_mask(smollm2.tokenizer, draws).all())
+    unfiltered = DlmiBatch(smollm2, [target], DlmiConfig(num_steps=4, filter_ids=False))
+    assert not bool(retokenization_mask(smollm2.tokenizer, torch.stack([unfiltered._random_prompt(0)
+                                                                        for _ in range(20)])).all())
+    swap = batch.searches[0]
+    swap.reset(draws[0])
+    now, gradient, _ = swap._gradient(draws[0].clone())
+    candidates = swap._propose(lambda positions: swap._gain(gradient(), positions), draws[0])
+    assert len(candidates) > 0 and bool(retokenization_mask(smollm2.tokenizer, candidates).all())
+    from lit_inversion import invert_output
+
+    result = invert_output(target, model=smollm2, num_steps=6, check_every=3)
+    assert encode(smollm2.tokenizer, result.prompt_text) == result.prompt_ids

@@ -387,6 +387,23 @@ def test_the_nanogcg_comparison_is_rendered_from_its_summary(tmp_path, monkeypat
     assert "| chat | nanogcg (width 64, top-k 64) | nanogcg==0.3.0 | 0/2 | 0.50 | 0.50 | - | 53 | - |" in text
 
 
+def test_readme_prefers_the_real_nanogcg_table(tmp_path):
+    summary = [dict(context="bare", method="dlmi", package="lit-inversion", targets=8, exact=5, honest_lcs=0.9,
+                    remaining_error=0.1, median_seconds_to_exact=61.0, seconds_per_target=150.2, prompt_perplexity=12345.0),
+               dict(context="bare", method="nanogcg (width 64, top-k 64)", package="nanogcg==0.3.0", targets=8, exact=1,
+                    honest_lcs=0.5, remaining_error=0.5, median_seconds_to_exact=None, seconds_per_target=155.0,
+                    prompt_perplexity=None)]
+    anchor = dict(hardware="CPU test, 1 threads", model="tiny-test", commit="abc1234", date="2026-01-02T03:04:05",
+                  command="python benchmarks/anchor.py summary", summary=summary,
+                  rows=[dict(id="t", context="bare", method="dlmi", package="lit-inversion", honest_lcs=0.9)])
+    block = report.readme_block(sources_from(tmp_path / "a", {"dlmi_budget.json": budget_json(),
+                                                              "dlmi_anchor.json": anchor}))
+    assert "against the real nanoGCG at equal wall time (about 155 s per target; reachable targets, half natural: 8 bare)" in block
+    assert "| bare | DLMI (lit-inversion) | 5/8 | 0.90 | 61 | 1.23e+04 |" in block
+    assert "| bare | nanogcg (width 64, top-k 64), nanogcg==0.3.0 | 1/8 | 0.50 | – | – |" in block
+    assert "candidate evaluations per target" not in block and len(block.splitlines()) <= 22
+
+
 def test_joint_against_progressive_is_rendered_from_its_rows(tmp_path, monkeypatch):
     """benchmarks/universal.py's JSON: one row per mode, rendered as the page's table."""
     rows = [dict(mode="joint", loss="sum", groups=2, solved=1, pairs=4, exact_pairs=3, pair_lcs=0.8125, wall_seconds=611.2,

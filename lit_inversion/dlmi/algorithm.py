@@ -259,7 +259,7 @@ class DlmiBatch(TargetBatch):
             options = [self._random_prompt(b)]
             for a in anchor_ids(self.loaded.tokenizer, c.init_anchors):
                 fill = [a] * c.prompt_length
-                if self.allowed[b, a] and not self._copies(b, fill):
+                if self.allowed[b, a] and not self._copies(b, fill) and self._round_trips(fill):
                     options.append(torch.tensor(fill, device=self.device))
             options = torch.stack(options)
             start = options[self._discrete_key(options, torch.full((len(options),), b, device=self.device)).argmin()]
@@ -299,8 +299,8 @@ class DlmiBatch(TargetBatch):
             candidates[:, p] = tokens.flatten()
             candidates = candidates.unique(dim=0)
             keys = self._discrete_key(candidates, torch.full((len(candidates),), b, device=self.device))
-            copying = torch.tensor([self._copies(b, row) for row in candidates.tolist()], dtype=torch.bool,
-                                   device=self.device)
+            copying = torch.tensor([self._copies(b, row) or not self._round_trips(row) for row in candidates.tolist()],
+                                   dtype=torch.bool, device=self.device)
             keys = keys.masked_fill(copying, torch.inf)
             self.forwards[b] += len(beams) + len(candidates)
             beams = candidates[keys.argsort()[: c.beam_width]]

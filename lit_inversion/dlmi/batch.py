@@ -30,7 +30,7 @@ from torch import nn
 from lit_inversion.dlmi import search
 from lit_inversion.dlmi.context import Context, bare_context
 from lit_inversion.dlmi.scorer import PromptScorer, greedy_decode  # noqa: F401  (greedy_decode: re-exported)
-from lit_inversion.dlmi.vocab import allowed_tokens, forbidden_for_target
+from lit_inversion.dlmi.vocab import allowed_tokens, forbidden_for_target, retokenization_mask
 from lit_inversion.errors import InversionError
 from lit_inversion.metrics import lcs_length, lcs_ratio
 from lit_inversion.precision import model_dtype_region, resolve_dtype
@@ -272,9 +272,13 @@ class TargetBatch(nn.Module):
         return torch.stack(rows).to(self.device)
 
     def _random_prompt(self, b: int) -> torch.Tensor:
-        """Random allowed tokens for target b, drawn from its generator, within the copy limit."""
+        """Random allowed tokens for target b, drawn from its generator, within the copy limit (and
+        re-encoding to the same ids under `filter_ids`)."""
         return draw_prompt(self.allowed[b], self.config.prompt_length, self.generators[b],
-                           lambda prompt: self._copies(b, prompt))
+                           lambda prompt: self._copies(b, prompt) or not self._round_trips(prompt))
+
+    def _round_trips(self, prompt: list[int]) -> bool:
+        return round_trips(self.loaded.tokenizer, self.config, prompt)
 
     def _copies(self, b: int, prompt: list[int]) -> bool:
         """Whether `prompt` shares more of target b than the copy limit allows."""
@@ -369,10 +373,16 @@ class TargetBatch(nn.Module):
         self._started = time.perf_counter() - float(self.seconds.max())  # buffers are loaded first
 
 
+def round_trips(tokenizer, config, prompt: list[int]) -> bool:
+    """Whether `prompt` comes back as the same ids after decode -> encode (always, when the method's
+    config has no `filter_ids` or it is off)."""
+    return not getattr(config, "filter_ids", False) or bool(retokenization_mask(tokenizer, torch.tensor([prompt]))[0])
+
+
 def draw_prompt(allowed: torch.Tensor, length: int, generator: torch.Generator,
                 copies: Callable[[list[int]], bool], tries: int = 100) -> torch.Tensor:
     """`length` random tokens of the [V] mask `allowed`, drawn from `generator` (on the mask's device),
-    re-drawn up to `tries` times while `copies(prompt)` says it copies a target."""
+    re-drawn up to `tries` times while `copies(prompt)` rejects it (it copies a target, or does not re-encode)."""
     choices = torch.nonzero(allowed).flatten()
     for _ in range(tries):
         prompt = choices[torch.randint(len(choices), (length,), generator=generator, device=allowed.device)]

@@ -224,6 +224,13 @@ class DlmiConfig(OutputConfig):
     instead of re-drawing positions of the best (0: off)."""
     refine_momentum: float = 0.0
     """MAC: rank swaps by a momentum (this decay) of the normalised token gradient (0: off)."""
+    filter_ids: bool = True
+    """Keep only prompts whose text re-encodes to the same ids (nanoGCG's filter): `prompt_text` pasted
+    anywhere then gives `prompt_ids`. The random start, fills, start beam and restarts obey it too."""
+    refine_prior: float = 0.0
+    """LM prior: rank swaps by the standardised gradient gain plus this times the standardised
+    log-probability the model gives the token after the prompt before it (the model's own next-token
+    distribution, as BEAST and FLRT use; fluent prompts; 0: off)."""
     beam_positions: int = 4
     """BEAST: a search that starts from random tokens (no relaxed phase, no repeat init) first runs a
     beam over the last beam_positions prompt positions (at most half the prompt), each kept prompt drawing
@@ -257,9 +264,10 @@ class DlmiConfig(OutputConfig):
                            # The copy seed moves between its seed prompts by restarts on a plateau.
                            accept="improve" if self.init == "repeat" else self.refine_accept,
                            patience=self.refine_patience, restart_swaps=self.restart_swaps,
-                           copy_limit=self.copy_limit, retokenize=False, chunk=None, sampling=self.refine_sampling,
+                           copy_limit=self.copy_limit, retokenize=self.filter_ids, chunk=None, sampling=self.refine_sampling,
                            distance_weight=self.refine_distance_weight, dedupe=self.refine_dedupe,
-                           merge=self.refine_merge, buffer=self.refine_buffer, momentum=self.refine_momentum)
+                           merge=self.refine_merge, buffer=self.refine_buffer, momentum=self.refine_momentum,
+                           prior=self.refine_prior)
 
     @property
     def refine_steps(self) -> int:
@@ -287,6 +295,7 @@ class DlmiConfig(OutputConfig):
         checks.one_of(self, "refine_objective", OBJECTIVES)
         checks.one_of(self, "refine_accept", ACCEPTS)
         checks.one_of(self, "refine_sampling", SAMPLINGS)
+        checks.need(self.refine_prior >= 0, f"refine_prior must be 0 (off) or positive (got {self.refine_prior})")
         checks.need(self.refine_distance_weight >= 0,
                     f"refine_distance_weight must be 0 (off) or positive (got {self.refine_distance_weight})")
         checks.fraction(self, "refine_fraction", "anneal_from", "straight_through_from")
@@ -349,7 +358,7 @@ class GcgConfig(OutputConfig):
                            rank="mean", objective="ce", margin=0.0, window=0, accept="best", no_revisit=False,
                            patience=0, restart_swaps=0, copy_limit=self.copy_limit, retokenize=self.filter_ids,
                            chunk=self.batch_size, sampling="random", distance_weight=0.0, dedupe=False, merge=0,
-                           buffer=0, momentum=0.0)
+                           buffer=0, momentum=0.0, prior=0.0)
 
     def check(self, checks: _Checks) -> None:
         super().check(checks)

@@ -182,6 +182,18 @@ class PromptScorer:
         hidden, _ = self._run(self.E[prompts])
         return self._logits(hidden, 1)[:, 0]
 
+    @torch.no_grad()
+    def log_prior(self, prompt: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[P, V] the model's log-probabilities for the token at each of `positions` of prompt [N], given
+        `before` and the prompt before it (uniform at position 0 without context): the LM prior of
+        fluency-guided swaps. One uncached forward: the context's last state is not in its cache."""
+        ids = self.input_ids(prompt[None])[:, : len(self.before) + prompt.shape[0]]
+        with self.timed():
+            hidden = self.base(input_ids=ids).last_hidden_state[0]  # [B + N, d]
+        rows = positions + len(self.before) - 1  # the state each token is predicted from
+        logp = torch.log_softmax(self.head(hidden[rows.clamp(min=0)].contiguous()).float(), -1)
+        return torch.where((rows >= 0)[:, None], logp, torch.zeros_like(logp))
+
     # ----- the honest check -------------------------------------------------------------------
     @torch.no_grad()
     def greedy(self, prompts: torch.Tensor, num_tokens: int) -> torch.Tensor:

@@ -135,7 +135,7 @@ class SwapOptions:
     patience: int  # steps without a move before a restart (0 = never)
     restart_swaps: int  # positions of the best prompt a restart re-draws (seeded restarts: the next seed)
     copy_limit: float  # largest LCS(prompt, target) / M a candidate may have (1.0 = off)
-    retokenize: bool  # drop candidates whose decode -> encode round trip changes the ids
+    retokenize: bool  # drop candidates whose decode -> encode round trip changes the ids (and such restarts)
     chunk: int | None  # candidates per scoring forward (None: a whole group); halved on out-of-memory
     sampling: str  # random: a random draw from each position's top-k | greedy: its best untried ones
     distance_weight: float  # rank swaps by standardised gain minus this times standardised embedding distance
@@ -143,6 +143,7 @@ class SwapOptions:
     merge: int  # I-GCG: also score the step's best 2..merge single swaps (distinct positions) applied together
     buffer: int  # ACG: keep the best `buffer` prompts scored; a restart resumes from the best unused one
     momentum: float  # MAC: rank swaps by a momentum of the normalised token gradient (0 = off)
+    prior: float  # rank swaps by standardised gain plus this times the standardised LM log-prior (0 = off)
 
 
 @dataclass
@@ -388,10 +389,13 @@ class SwapSearch(nn.Module):
         the prompt's embeddings; in E's own dtype (no [V, d] copy)."""
         E = self.scorer.E.detach()
         gain = -(grad[positions].to(E.dtype) @ E.T).float()
-        w = self.options.distance_weight
+        w, prior = self.options.distance_weight, self.options.prior
+        if w or prior:
+            gain = _standardise(gain)
         if w:  # the first-order gain is trusted less far from the current token (Faster-GCG)
-            dist = torch.cdist(E[self.prompt[positions]].float(), E.float())
-            gain = _standardise(gain) - w * _standardise(dist)
+            gain = gain - w * _standardise(torch.cdist(E[self.prompt[positions]].float(), E.float()))
+        if prior:  # tokens the model itself would write there (BEAST's sampling, FLRT's fluency)
+            gain = gain + prior * _standardise(self.scorer.log_prior(self.prompt, positions))
         return gain
 
     def _propose(self, gain: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Tensor,
@@ -465,8 +469,20 @@ class SwapSearch(nn.Module):
         if o.retokenize and self.tokenizer is not None:
             from lit_inversion.dlmi.vocab import retokenization_mask
 
-            keep &= retokenization_mask(self.tokenizer, candidates)
+            same = retokenization_mask(self.tokenizer, candidates)
+            # From a prompt that does not round-trip itself (a relaxed phase's argmax), any candidate may go
+            # on while none does: the filter must not freeze the search.
+            if bool(same.any()) or self._round_trips(prompt):
+                keep &= same
         return candidates[keep]
+
+    def _round_trips(self, prompt: torch.Tensor) -> bool:
+        """Whether `prompt` [N] comes back as the same ids after decode -> encode (always, without the filter)."""
+        if not self.options.retokenize or self.tokenizer is None:
+            return True
+        from lit_inversion.dlmi.vocab import retokenization_mask
+
+        return bool(retokenization_mask(self.tokenizer, prompt[None])[0])
 
     def _score(self, candidates: torch.Tensor, prompt: torch.Tensor, cache,
                together: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -526,6 +542,6 @@ class SwapSearch(nn.Module):
             positions = torch.randperm(len(changed), generator=self.generator,
                                        device=self.generator.device)[: self.options.restart_swaps]
             changed[positions] = fresh[positions]
-            if self._copies(changed.tolist()):
+            if self._copies(changed.tolist()) or not self._round_trips(changed):
                 changed = self.best.clone()
         self.reset(changed)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lit_inversion.dlmi import search
-from lit_inversion.dlmi.batch import StepStats, anchor_ids, draw_prompt, restore_generator, target_seed
+from lit_inversion.dlmi.batch import StepStats, anchor_ids, draw_prompt, restore_generator, round_trips, target_seed
 from lit_inversion.dlmi.config import DlmiConfig, OutputConfig
 from lit_inversion.dlmi.context import Context, bare_context
 from lit_inversion.dlmi.data import OutputGroup, check_group_config, validate_group
@@ -323,7 +323,8 @@ class GroupBatch(nn.Module):
         return any(lcs_length(prompt, t) > self.config.copy_limit * len(t) + 1e-9 for t in self.targets)
 
     def _random_prompt(self) -> torch.Tensor:
-        return draw_prompt(self.allowed, self.config.prompt_length, self.generator, self._copies)
+        return draw_prompt(self.allowed, self.config.prompt_length, self.generator,
+                           lambda prompt: self._copies(prompt) or not round_trips(self.loaded.tokenizer, self.config, prompt))
 
     @torch.no_grad()
     def _start(self) -> None:
@@ -332,7 +333,7 @@ class GroupBatch(nn.Module):
             options = [self.search.prompt.clone()]
             for a in anchor_ids(self.loaded.tokenizer, self.config.init_anchors):
                 fill = [a] * self.config.prompt_length
-                if self.allowed[a] and not self._copies(fill):
+                if self.allowed[a] and not self._copies(fill) and round_trips(self.loaded.tokenizer, self.config, fill):
                     options.append(torch.tensor(fill, device=self.device))
             options = torch.stack(options)
             self.forwards += len(options) * self.search.cost
