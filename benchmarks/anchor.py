@@ -14,9 +14,9 @@
 `prepare` renders each target's context our way (`lit_inversion.dlmi.context`) and keeps the targets whose
 text re-encodes to their ids (nanoGCG takes the target as text). `ours` runs the shipped config
 (`configs/dlmi.yaml`'s method) one target at a time with `max_seconds` T. nanoGCG's runner checks that
-its ids equal ours before it runs. `judge` takes the string a user would copy (nanoGCG's `best_string`),
-encodes it alone, splices it between the context ids and decodes greedily (the records' verdict), as our
-own records are judged. Every step appends per target, so a stopped run resumes.
+its ids equal ours before it runs. Every arm is judged one way: the string a user would copy (nanoGCG's
+`best_string`, our `prompt_text`) encoded alone, spliced between the context ids and decoded greedily (the
+records' verdict). Every step appends per target, so a stopped run resumes.
 """
 
 from __future__ import annotations
@@ -96,8 +96,11 @@ def ours(args, loaded) -> None:
         context = Context(tuple(row["before"]), tuple(row["after"]))
         (result,) = invert_outputs(loaded, [row["target_ids"]], config, batch_size=1, keys=[row["id"]],
                                    contexts=[context])
-        record = judged(loaded, row, result.prompt_ids, result.seconds, result.seconds)
-        record.update(method="dlmi", package="lit-inversion", steps=result.steps)
+        # Judged as nanoGCG is: the text a user would copy, encoded alone (filter_ids keeps them equal).
+        copied = encode(loaded.tokenizer, result.prompt_text)
+        record = judged(loaded, row, copied, result.seconds, result.seconds)
+        record.update(method="dlmi", package="lit-inversion", steps=result.steps,
+                      text_gives_ids=copied == result.prompt_ids)
         append(out, record)
         print(f"[dlmi {row['id']}] exact={record['exact']} lcs={record['honest_lcs']:.2f} {record['seconds']:.0f}s",
               flush=True)
