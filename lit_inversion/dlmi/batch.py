@@ -376,7 +376,9 @@ class TargetBatch(nn.Module):
 def round_trips(tokenizer, config, prompt: list[int]) -> bool:
     """Whether `prompt` comes back as the same ids after decode -> encode (always, when the method's
     config has no `filter_ids` or it is off)."""
-    return not getattr(config, "filter_ids", False) or bool(retokenization_mask(tokenizer, torch.tensor([prompt]))[0])
+    if not getattr(config, "filter_ids", False):
+        return True
+    return bool(retokenization_mask(tokenizer, torch.tensor([prompt], device="cpu"))[0])
 
 
 def draw_prompt(allowed: torch.Tensor, length: int, generator: torch.Generator,
