@@ -340,7 +340,8 @@ def test_readme_block_picks_its_inputs(tmp_path):
     assert "Output → prompt, 60 s per target (equal wall time), N = 20, k ∈ {1, 6}" in block
     assert "| method | honest LCS | exact |\n" in block and "| DLMI (lit-inversion) | 0.52 | 1/2 |" in block
     # A merged JSON (one run per prompt length): the caption names the N = 20 run's command.
-    committed = [s for s in report.load_sources([report.RESULTS / "data"]) if s.kind != "dlmi-budget"]
+    committed = [s for s in report.load_sources([report.RESULTS / "data"])
+                 if s.kind not in ("dlmi-budget", "dlmi-anchor")]
     if any(s.stem == "dlmi_equal_time" for s in committed):
         assert "--prompt-lengths 20 " in report.readme_block(committed).split("Output → prompt")[1].splitlines()[0]
     # Neither: just the markers.
