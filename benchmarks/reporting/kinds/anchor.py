@@ -19,8 +19,11 @@ def section_anchor(source: Source, figures: Figures) -> list[str]:
             for r in source.data["summary"]]
     return ([f"## Against the real nanoGCG (`{source.name}`)", "",
              "The same targets and context ids on both sides, the same wall time per target, one job at a time; "
-             "every arm's prompt (nanoGCG's `best_string`, encoded alone) judged by our verdict: greedy decoding of "
-             "the context spliced around it.", ""]
+             "every arm's prompt (nanoGCG's `best_string`, our `prompt_text`), encoded alone, judged by our verdict: "
+             "greedy decoding of the context spliced around it. The per-target runs (`anchor.py ours`, "
+             "`benchmarks/nanogcg/run.py`, `anchor.py judge`) are in the module docstring of `benchmarks/anchor.py`; "
+             "nanoGCG's width and top-k are the better of its defaults (512 / 256) and 64 / 64 on a two-target pilot. "
+             "nanoGCG stops after the step that crosses the time limit, so it may overshoot by one step.", ""]
             + captioned("nanoGCG side by side", source.runs[0],
                         ["context", "method", "package", "exact", "honest LCS", "remaining error",
                          "median s to exact", "s per target", "prompt perplexity"], rows))
