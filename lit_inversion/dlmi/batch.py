@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_inversion.dlmi import search
+from lit_inversion.dlmi import search, vocab
 from lit_inversion.dlmi.context import Context, bare_context
 from lit_inversion.dlmi.scorer import PromptScorer, greedy_decode  # noqa: F401  (greedy_decode: re-exported)
-from lit_inversion.dlmi.vocab import allowed_tokens, forbidden_for_target, retokenization_mask
+from lit_inversion.dlmi.vocab import allowed_tokens, forbidden_for_target
 from lit_inversion.errors import InversionError
 from lit_inversion.metrics import lcs_length, lcs_ratio
 from lit_inversion.precision import model_dtype_region, resolve_dtype
@@ -376,9 +376,7 @@ class TargetBatch(nn.Module):
 def round_trips(tokenizer, config, prompt: list[int]) -> bool:
     """Whether `prompt` comes back as the same ids after decode -> encode (always, when the method's
     config has no `filter_ids` or it is off)."""
-    if not getattr(config, "filter_ids", False):
-        return True
-    return bool(retokenization_mask(tokenizer, torch.tensor([prompt], device="cpu"))[0])
+    return not getattr(config, "filter_ids", False) or vocab.round_trips(tokenizer, prompt)
 
 
 def draw_prompt(allowed: torch.Tensor, length: int, generator: torch.Generator,

@@ -480,9 +480,9 @@ class SwapSearch(nn.Module):
         """Whether `prompt` [N] comes back as the same ids after decode -> encode (always, without the filter)."""
         if not self.options.retokenize or self.tokenizer is None:
             return True
-        from lit_inversion.dlmi.vocab import retokenization_mask
+        from lit_inversion.dlmi.vocab import round_trips
 
-        return bool(retokenization_mask(self.tokenizer, prompt[None])[0])
+        return round_trips(self.tokenizer, prompt)
 
     def _score(self, candidates: torch.Tensor, prompt: torch.Tensor, cache,
                together: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -38,6 +38,12 @@ def retokenization_mask(tokenizer, prompts: torch.Tensor) -> torch.Tensor:
     return torch.tensor([list(a) == p for a, p in zip(again, prompts.tolist())], dtype=torch.bool, device=prompts.device)
 
 
+def round_trips(tokenizer, prompt) -> bool:
+    """Whether one prompt (ids, a list or a [N] tensor) comes back as the same ids after decode -> encode."""
+    ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+    return bool(retokenization_mask(tokenizer, torch.tensor([ids], device="cpu"))[0])
+
+
 _TEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {V: decoded tokens}
 
 
