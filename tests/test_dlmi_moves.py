@@ -175,6 +175,24 @@ def test_beam_start_changes_only_the_last_positions(tiny):
     assert 0 < int(batch.forwards[0]) <= 1 * 4 + 1 + 3 * 4 + 3  # forwards for the draws plus the prompts ranked
 
 
+def test_topic_prompts_are_the_models_own_text_after_the_target(tiny):
+    target = [9, 10, 11, 12, 13]
+    batch = DlmiBatch(tiny, [target], DlmiConfig(**SEARCH, topic_samples=6, filter_ids=False))
+    prompts = batch._topic_prompts(0)
+    assert len(prompts) == 6 and int(batch.forwards[0]) == 6
+    head = [BOS] + target + tiny.tokenizer.encode("\n\n", add_special_tokens=False)
+    logits = tiny.model(input_ids=torch.tensor([head])).logits[0, -1]
+    for prompt in prompts:
+        assert bool(batch.allowed[0, prompt].all()) and not batch._copies(0, prompt.tolist())
+        assert torch.isfinite(logits[prompt[0]])
+    # Each token is one the model gives real probability after the text before it (not a uniform draw).
+    ids = torch.tensor([head + prompts[0].tolist()])
+    logp = torch.log_softmax(tiny.model(input_ids=ids).logits[0].float(), -1)
+    drawn = logp[len(head) - 1: -1].gather(1, prompts[0][:, None])
+    assert float(drawn.mean()) > float(logp[len(head) - 1: -1].mean())
+    assert DlmiBatch(tiny, [target], DlmiConfig(**SEARCH, topic_samples=0))._topic_prompts(0) == []
+
+
 def test_log_prior_is_the_models_next_token_distribution(tiny):
     from lit_inversion.dlmi.scorer import PromptScorer
 
@@ -200,6 +218,7 @@ def test_a_strong_prior_proposes_the_models_own_next_tokens(tiny):
 
 @pytest.mark.parametrize("options", [dict(refine_dedupe=True), dict(refine_merge=4), dict(refine_buffer=8),
                                      dict(refine_momentum=0.5), dict(beam_positions=2), dict(refine_prior=1.0),
+                                     dict(topic_samples=0),
                                      dict(relaxed_method="adc", refine_fraction=0.5)])
 def test_each_option_reaches_exact_match_without_copying(tiny, options):
     target = _reachable_target(tiny)
@@ -213,7 +232,7 @@ def test_each_option_reaches_exact_match_without_copying(tiny, options):
     (dict(relaxed_method="sgd"), "relaxed_method must be one of gumbel, adc"),
     (dict(refine_momentum=1.0), "refine_momentum must be in \\[0, 1\\)"),
     (dict(refine_prior=-0.5), "refine_prior must be 0 \\(off\\) or positive"),
-    (dict(refine_merge=-1), "refine_merge, refine_buffer and beam_positions must be 0 \\(off\\) or positive"),
+    (dict(refine_merge=-1), "refine_merge, refine_buffer, beam_positions and topic_samples must be 0 \\(off\\) or positive"),
 ])
 def test_bad_move_options_name_the_problem(options, message):
     with pytest.raises(InversionError, match=message):

@@ -256,7 +256,7 @@ class DlmiBatch(TargetBatch):
         elif c.init == "repeat":
             start = self.seeds[b, 0]
         else:
-            options = [self._random_prompt(b)]
+            options = [self._random_prompt(b)] + self._topic_prompts(b)
             for a in anchor_ids(self.loaded.tokenizer, c.init_anchors):
                 fill = [a] * c.prompt_length
                 if self.allowed[b, a] and not self._copies(b, fill) and self._round_trips(fill):
@@ -267,6 +267,31 @@ class DlmiBatch(TargetBatch):
             if c.beam_positions:
                 start = self._beam_start(b, start)
         self.searches[b].reset(start, forget_best=True)
+
+    @torch.no_grad()
+    def _topic_prompts(self, b: int) -> list[torch.Tensor]:
+        """`topic_samples` prompts the model writes after `[BOS] + target + "\n\n"` (allowed tokens
+        only): text on the target's topic, its target tokens re-drawn until within the copy limit; those
+        that re-encode to their ids (under `filter_ids`). Natural targets need their topic set, which
+        a random start lacks."""
+        c, g = self.config, self.generators[b]
+        if not c.topic_samples:
+            return []
+        bos = [self.loaded.bos_id] if c.prepend_bos and self.loaded.bos_id is not None else []
+        separator = self.loaded.tokenizer.encode("\n\n", add_special_tokens=False)
+        head = torch.tensor(bos + self.target(b).tolist() + separator, device=self.device)
+        model = self.loaded.model
+        with self._autocast():
+            out = model(input_ids=head.expand(c.topic_samples, -1), use_cache=True, logits_to_keep=1)
+            tokens = []
+            for i in range(c.prompt_length):
+                logits = out.logits[:, -1].float().masked_fill(~self.allowed[b], -torch.inf)
+                tokens.append(torch.multinomial(torch.softmax(logits, -1), 1, generator=g))
+                if i + 1 < c.prompt_length:
+                    out = model(input_ids=tokens[-1], past_key_values=out.past_key_values, use_cache=True)
+        self.forwards[b] += c.topic_samples
+        prompts = [self._within_copy_limit(b, p) for p in torch.cat(tokens, 1)]
+        return [p for p in prompts if not self._copies(b, p.tolist()) and self._round_trips(p.tolist())]
 
     def _within_copy_limit(self, b: int, prompt: torch.Tensor) -> torch.Tensor:
         """`prompt` with target tokens re-drawn (random allowed tokens) until it is within the copy limit."""

@@ -239,6 +239,9 @@ class DlmiConfig(OutputConfig):
     """BEAST: prompts kept per position of the start beam."""
     beam_samples: int = 8
     """BEAST: tokens drawn per kept prompt and position."""
+    topic_samples: int = 32
+    """Also consider, among the random start's options, this many prompts the model writes after the
+    target itself (on-topic text, its target tokens re-drawn within the copy limit; 0: off)."""
     refine_patience: int = 16
     """Steps without a better prompt before a restart (0: never; only with improve)."""
     restart_swaps: int = 3
@@ -288,8 +291,9 @@ class DlmiConfig(OutputConfig):
         checks.one_of(self, "relaxed_method", RELAXED_METHODS)
         checks.need(self.adc_learning_rate > 0 and 0 <= self.adc_momentum < 1,
                     "adc_learning_rate must be positive and adc_momentum in [0, 1)")
-        checks.need(self.refine_merge >= 0 and self.refine_buffer >= 0 and self.beam_positions >= 0,
-                    "refine_merge, refine_buffer and beam_positions must be 0 (off) or positive")
+        checks.need(self.refine_merge >= 0 and self.refine_buffer >= 0 and self.beam_positions >= 0
+                    and self.topic_samples >= 0,
+                    "refine_merge, refine_buffer, beam_positions and topic_samples must be 0 (off) or positive")
         checks.need(0 <= self.refine_momentum < 1, f"refine_momentum must be in [0, 1) (got {self.refine_momentum})")
         checks.positive(self, "beam_width", "beam_samples")
         checks.one_of(self, "refine_objective", OBJECTIVES)
