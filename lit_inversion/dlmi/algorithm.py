@@ -246,9 +246,9 @@ class DlmiBatch(TargetBatch):
 
     def _start_refinement(self, b: int) -> None:
         """Start target b's search from argmax Z (ADC: its best rounded prompt) after a relaxed phase;
-        from the copy seed with init="repeat"; else from the best-ranked of a random prompt and one-token
-        fills (the anchors repeated), within the copy limit, its last positions then re-drawn by a BEAST
-        beam (`beam_positions`)."""
+        from the copy seed with init="repeat"; else from the best-ranked of a random prompt, the model's
+        own text after the target (`topic_samples`) and one-token fills (the anchors repeated), within the
+        copy limit, its last positions then re-drawn by a BEAST beam (`beam_positions`)."""
         c = self.config
         if c.relaxed_steps > 0:
             start = self.rounded[b] if c.relaxed_method == "adc" else self.argmax_prompts()[b]
