@@ -241,7 +241,8 @@ class DlmiConfig(OutputConfig):
     """BEAST: tokens drawn per kept prompt and position."""
     topic_samples: int = 32
     """Also consider, among the random start's options, this many prompts the model writes after the
-    target itself (on-topic text, its target tokens re-drawn within the copy limit; 0: off)."""
+    target itself (on-topic text, its target tokens re-drawn within the copy limit; 0: off). Single
+    targets only: a group's universal prompt starts as before."""
     refine_patience: int = 16
     """Steps without a better prompt before a restart (0: never; only with improve)."""
     restart_swaps: int = 3
