@@ -30,8 +30,10 @@ from torch import nn
 from lit_inversion.dlmi import relax, search
 from lit_inversion.dlmi.batch import StepStats, TargetBatch, anchor_ids, repeat_prompt
 from lit_inversion.dlmi.config import DlmiConfig
-from lit_inversion.dlmi.context import Context
+from lit_inversion.dlmi.context import Context, bare_context
+from lit_inversion.dlmi.scorer import continue_ids
 from lit_inversion.metrics import lcs_ratio
+from lit_inversion.tokens import encode
 
 
 class DlmiBatch(TargetBatch):
@@ -277,20 +279,18 @@ class DlmiBatch(TargetBatch):
         c, g = self.config, self.generators[b]
         if not c.topic_samples:
             return []
-        bos = [self.loaded.bos_id] if c.prepend_bos and self.loaded.bos_id is not None else []
-        separator = self.loaded.tokenizer.encode("\n\n", add_special_tokens=False)
-        head = torch.tensor(bos + self.target(b).tolist() + separator, device=self.device)
-        model = self.loaded.model
+        before = list(bare_context(self.loaded.bos_id, c.prepend_bos).before)
+        separator = encode(self.loaded.tokenizer, "\n\n")
+        head = torch.tensor(before + self.target(b).tolist() + separator, device=self.device)
+
+        def sample(logits: torch.Tensor) -> torch.Tensor:
+            probs = torch.softmax(logits.float().masked_fill(~self.allowed[b], -torch.inf), -1)
+            return torch.multinomial(probs, 1, generator=g)[:, 0]
+
         with self._autocast():
-            out = model(input_ids=head.expand(c.topic_samples, -1), use_cache=True, logits_to_keep=1)
-            tokens = []
-            for i in range(c.prompt_length):
-                logits = out.logits[:, -1].float().masked_fill(~self.allowed[b], -torch.inf)
-                tokens.append(torch.multinomial(torch.softmax(logits, -1), 1, generator=g))
-                if i + 1 < c.prompt_length:
-                    out = model(input_ids=tokens[-1], past_key_values=out.past_key_values, use_cache=True)
+            prompts = continue_ids(self.loaded.model, head.expand(c.topic_samples, -1), c.prompt_length, sample)
         self.forwards[b] += c.topic_samples
-        prompts = [self._within_copy_limit(b, p) for p in torch.cat(tokens, 1)]
+        prompts = [self._within_copy_limit(b, p) for p in prompts]
         return [p for p in prompts if not self._copies(b, p.tolist()) and self._round_trips(p.tolist())]
 
     def _within_copy_limit(self, b: int, prompt: torch.Tensor) -> torch.Tensor:

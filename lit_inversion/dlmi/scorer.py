@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -37,16 +37,23 @@ def _layers(cache) -> Layers | None:
 
 
 @torch.no_grad()
-def greedy_decode(model: nn.Module, input_ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """[B, num_tokens] greedy continuation (no sampling, no early stop at EOS), with a KV cache."""
+def continue_ids(model: nn.Module, input_ids: torch.Tensor, num_tokens: int,
+                 pick: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """[B, num_tokens] continuation of `input_ids`, each next token `pick(logits [B, V]) -> [B]`, with a
+    KV cache (no early stop at EOS)."""
     # Vocabulary logits only at the last prompt position: the others are never read (at |V| = 262k the
     # head over the whole prompt costs as much as the rest of the prefill).
     out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-    tokens = [out.logits[:, -1].argmax(-1)]
+    tokens = [pick(out.logits[:, -1])]
     for _ in range(num_tokens - 1):
         out = model(input_ids=tokens[-1][:, None], past_key_values=out.past_key_values, use_cache=True)
-        tokens.append(out.logits[:, -1].argmax(-1))
+        tokens.append(pick(out.logits[:, -1]))
     return torch.stack(tokens, 1)
+
+
+def greedy_decode(model: nn.Module, input_ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[B, num_tokens] greedy continuation (no sampling, no early stop at EOS), with a KV cache."""
+    return continue_ids(model, input_ids, num_tokens, lambda logits: logits.argmax(-1))
 
 
 class PromptScorer:
